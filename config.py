@@ -1,0 +1,295 @@
+"""The one place where defaults live.
+
+`Config` holds every setting of training and evaluation. Presets are named
+overrides of it; `--config FILE` (YAML or Python) overrides a preset; command
+line flags, generated from the fields so `--help` never drifts, override both.
+Precedence: defaults < preset < config file < flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import runpy
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad key or value in a config file or on the command line (one line)."""
+
+
+@dataclass
+class Config:
+    """Every setting, with its default. Help texts are the field metadata."""
+
+    # --- data -------------------------------------------------------------
+    data: str = field(default="datasets/synth", metadata={"help": (
+        "training data: a pack folder (train.rec/.idx + .bin targets), a .rec file, "
+        "an image folder root/<class>/*.jpg, or several joined by commas")})
+    eval_data: str = field(default="", metadata={"help": (
+        "folder holding the verification .bin files (default: the first --data folder)")})
+    targets: str = field(default="", metadata={"help": (
+        "comma-separated verification targets (e.g. lfw,cfp_fp); empty = every .bin found")})
+    output: str = field(default="runs/default", metadata={"help": "run directory"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+
+    # --- model ------------------------------------------------------------
+    backbone: str = field(default="mobilefacenet", metadata={"help": "backbone name (see --list-backbones)"})
+    embedding_size: int = field(default=512, metadata={"help": "embedding dimension"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout before the embedding layer"})
+    input_order: str = field(default="rgb", metadata={
+        "help": "channel order the backbone sees: rgb or bgr", "choices": ("rgb", "bgr")})
+    head: str = field(default="arcface", metadata={"help": "margin head name"})
+    scale: float | None = field(default=None, metadata={"help": "head scale s (default: the head's own)"})
+    margin: float | None = field(default=None, metadata={"help": "head margin m (default: the head's own)"})
+    head_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "extra head parameters as JSON, e.g. '{\"easy_margin\": true}'"})
+    loss: str = field(default="cross_entropy", metadata={"help": "loss name (cross_entropy, focal)"})
+    focal_gamma: float = field(default=2.0, metadata={"help": "gamma of the focal loss"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of cross-entropy"})
+
+    # --- optimisation -----------------------------------------------------
+    epochs: int = field(default=20, metadata={"help": "training epochs"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
+    batch_size: int = field(default=128, metadata={"help": "images per step (per process)"})
+    lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (not applied to BN and biases)"})
+    scheduler: str = field(default="cosine", metadata={
+        "help": "lr schedule after warmup", "choices": ("cosine", "step", "poly", "constant")})
+    milestones: typing.Tuple[float, ...] = field(default=(), metadata={
+        "help": "epochs at which the step schedule multiplies lr by --lr-gamma, e.g. 10,18,22"})
+    lr_gamma: float = field(default=0.1, metadata={"help": "step schedule factor"})
+    poly_power: float = field(default=2.0, metadata={"help": "polynomial schedule power"})
+    warmup_epochs: float = field(default=0.0, metadata={"help": "linear warmup length in epochs"})
+    grad_clip: float = field(default=5.0, metadata={"help": "clip gradient norm to this (0 = off)"})
+    amp: bool = field(default=False, metadata={"help": "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+
+    # --- evaluation, logging, checkpoints ---------------------------------
+    eval_every: int = field(default=0, metadata={"help": "verify every N steps (0 = at the end of each epoch)"})
+    eval_batch_size: int = field(default=256, metadata={"help": "batch size of embedding extraction"})
+    tta: str = field(default="sum", metadata={
+        "help": "flip test-time augmentation", "choices": ("sum", "concat", "none")})
+    log_every: int = field(default=20, metadata={"help": "log scalars every N steps"})
+    save_every: int = field(default=0, metadata={"help": "write checkpoint.pt every N steps (0 = each epoch)"})
+    resume: str = field(default="", metadata={"help": "run directory or checkpoint.pt to resume from"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+# Named overrides of the defaults. The seeds' recipes (see README, "Presets").
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "demo": dict(backbone="mobilefacenet", head="arcface", epochs=4, batch_size=64, lr=0.1,
+                 warmup_epochs=0.5, scheduler="cosine", weight_decay=5e-4),
+    "insightface_pytorch_ir_se50": dict(backbone="ir_se50", head="arcface", scale=64.0, margin=0.5,
+                                        input_order="bgr", lr=0.1, batch_size=200, epochs=20,
+                                        scheduler="step", milestones=(12, 15, 18), weight_decay=5e-4),
+    "face_pytorch": dict(backbone="mobilefacenet", head="arcface", scale=32.0, margin=0.5,
+                         input_order="bgr", lr=0.1, batch_size=128, epochs=30,
+                         scheduler="step", milestones=(6, 11, 16), weight_decay=4e-5),
+    "pytorch_face_recognition": dict(backbone="mobilefacenet", head="arcface", scale=32.0, margin=0.5,
+                                     input_order="bgr", lr=0.1, batch_size=128, epochs=25,
+                                     scheduler="step", milestones=(10, 18, 22), weight_decay=5e-4),
+    "efficientnet_seed": dict(backbone="efficientnet_b0", head="arcface", scale=64.0, margin=0.5,
+                              loss="focal", focal_gamma=2.0, batch_size=80, lr=0.1, epochs=20,
+                              scheduler="step", milestones=(8, 14, 18)),
+    "arcface_torch_ms1mv3_r50": dict(backbone="iresnet50", head="arcface", scale=64.0, margin=0.5,
+                                     lr=0.1, weight_decay=5e-4, batch_size=128, epochs=20,
+                                     scheduler="poly", poly_power=2.0, warmup_epochs=0, amp=True),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _closest(name: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _field_type(name: str) -> Any:
+    hints = typing.get_type_hints(Config)
+    return hints[name]
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert `value` (from YAML, Python or a flag string) to field `name`'s type.
+
+    Raises ConfigError naming the field, the bad value and what was expected.
+    """
+    if name not in _FIELDS:
+        raise ConfigError(f"unknown config key {name!r}{_closest(name, list(_FIELDS))}")
+    tp = _field_type(name)
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), tp) if optional else tp
+    try:
+        if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
+            if optional:
+                return None
+            raise ValueError("may not be empty")
+        origin = typing.get_origin(base)
+        if base is bool:
+            if isinstance(value, bool):
+                out: Any = value
+            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                out = True
+            elif isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                out = False
+            else:
+                raise ValueError("expected true or false")
+        elif base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError("expected an integer")
+            out = int(value)
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            out = float(value)
+        elif base is str:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            out = value
+        elif origin in (tuple, typing.Tuple):
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            out = tuple(float(v) for v in value)
+        elif origin in (dict, typing.Dict):
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip() else {}
+            if not isinstance(value, Mapping):
+                raise ValueError("expected a mapping")
+            out = dict(value)
+        else:  # pragma: no cover - every field type is handled above
+            out = value
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value {value!r} for config key {name!r}: {exc}") from None
+    choices = _FIELDS[name].metadata.get("choices")
+    if choices and out not in choices:
+        raise ConfigError(f"bad value {out!r} for config key {name!r}{_closest(str(out), choices)} "
+                          f"(valid: {', '.join(choices)})")
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """Return a copy of `cfg` with validated `overrides` applied."""
+    clean = {k: coerce(k, v) for k, v in overrides.items()}
+    return dataclasses.replace(cfg, **clean)
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read overrides from YAML (`.yaml`/`.yml`/`.json`) or Python (`.py`).
+
+    A Python file either defines `config` (a dict or an object with attributes)
+    or plain module-level names; it is the user's own file and is executed.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    if path.endswith(".py"):
+        ns = runpy.run_path(path)
+        obj = ns.get("config")
+        if obj is None:
+            data = {k: v for k, v in ns.items() if not k.startswith("_") and k in _FIELDS or k == "preset"}
+        elif isinstance(obj, Mapping):
+            data = dict(obj)
+        else:
+            data = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+    else:
+        import yaml  # local: only config files need it
+
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise ConfigError(f"config file {path!r}{where}: not valid YAML") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path!r} must hold a mapping of config keys")
+    return dict(data)
+
+
+def build_config(preset: str = "", config_file: str = "", overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults < preset < config file < overrides."""
+    file_data = load_config_file(config_file) if config_file else {}
+    preset = str(file_data.pop("preset", "") or "") if not preset else preset
+    cfg = Config()
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}{_closest(preset, list(PRESETS))} "
+                              f"(valid: {', '.join(PRESETS)})")
+        cfg = apply_overrides(cfg, PRESETS[preset])
+    cfg = apply_overrides(cfg, file_data)
+    return apply_overrides(cfg, overrides or {})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """Add `--preset`, `--config` and one `--field` flag per Config field.
+
+    Flags default to argparse.SUPPRESS so only what the user typed overrides
+    the preset and the config file.
+    """
+    parser.add_argument("--preset", default="", help=f"named preset: {', '.join(PRESETS)}")
+    parser.add_argument("--config", default="", metavar="FILE", help="YAML or Python config file")
+    group = parser.add_argument_group("config fields (defaults shown; see config.py)")
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
+        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"
+        if _field_type(f.name) is bool:
+            group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=help_text)
+
+
+def parse_config(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[Config, argparse.Namespace]:
+    """Parse argv into (Config, namespace of the non-config arguments).
+
+    Unknown flags and bad values exit with a one-line error that names the
+    flag and suggests the closest valid one.
+    """
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+        valid = [a for action in parser._actions for a in action.option_strings if a.startswith("--")]
+        parser.error(f"unknown argument {bad!r}{_closest(bad.split('=')[0], valid)}")
+    given = {k: v for k, v in vars(args).items() if k in _FIELDS}
+    try:
+        cfg = build_config(args.preset, args.config, given)
+    except ConfigError as exc:
+        parser.error(str(exc).replace("config key '", "flag/key '"))
+    rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _FIELDS})
+    return cfg, rest
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Rebuild a Config from `config.json`, ignoring keys this version lacks."""
+    known = {k: v for k, v in data.items() if k in _FIELDS}
+    return apply_overrides(Config(), known)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as JSON, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
