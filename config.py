@@ -81,6 +81,8 @@ class Config:
     save_every: int = field(default=0, metadata={"help": "write checkpoint.pt every N steps (0 = each epoch)"})
     resume: str = field(default="", metadata={"help": "run directory or checkpoint.pt to resume from"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    save_init: bool = field(default=False, metadata={
+        "help": "also write backbone_init.pt (the untrained weights), to compare against"})
 
 
 # Named overrides of the defaults. The seeds' recipes (see README, "Presets").
@@ -273,6 +275,7 @@ def parse_config(
     except ConfigError as exc:
         parser.error(str(exc).replace("config key '", "flag/key '"))
     rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _FIELDS})
+    rest.given = given  # the fields typed on the command line (they win over a resumed run's config)
     return cfg, rest
 
 

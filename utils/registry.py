@@ -12,6 +12,13 @@ from typing import Any, Callable, Dict, Iterator, TypeVar
 T = TypeVar("T", bound=Callable[..., Any])
 
 
+class UnknownNameError(KeyError):
+    """A name not in a registry; str() is the plain one-line message (KeyError would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class Registry:
     """Maps lower-case names to builder callables."""
 
@@ -35,7 +42,7 @@ class Registry:
     def get(self, name: str) -> Callable[..., Any]:
         key = name.lower()
         if key not in self._items:
-            raise KeyError(unknown_name_message(self.kind, name, self.names()))
+            raise UnknownNameError(unknown_name_message(self.kind, name, self.names()))
         return self._items[key]
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,50 @@
+"""Face-recognition backbones: one registry, one surface.
+
+    from backbones import build, names, load_weights
+    model = build("ir_se50", embedding_size=512, channel_order="bgr")
+    load_weights(model, "model_ir_se50.pth")
+
+Every backbone takes RGB ``(B, 3, 112, 112)`` images normalised as ``(x/255 - 0.5)/0.5`` and
+returns an un-normalised ``(B, embedding_size)`` float32 embedding (see :mod:`backbones.base`).
+Adding a backbone means registering its builder with :func:`register_backbone` in its own file
+and importing that file below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from .base import BACKBONES, SPECS, BackboneSpec, FaceBackbone, register_backbone
+from .checkpoint import load_state_dict_file, load_weights
+
+register = BACKBONES.register
+
+# family modules register themselves on import
+from . import efficientnet, iresnet, irse, mobilefacenet  # noqa: E402,F401  isort: skip
+
+
+def build(name: str, embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",
+          **kwargs: Any) -> FaceBackbone:
+    """Build the backbone registered as ``name``.
+
+    ``dropout`` is the drop probability (0-1) before the embedding Linear; ``channel_order`` is
+    the order the weights expect ('rgb', or 'bgr' for InsightFace_Pytorch checkpoints); the input
+    fed to the model is always RGB.
+    """
+    return BACKBONES.build(name, embedding_size=embedding_size, dropout=dropout, channel_order=channel_order,
+                           **kwargs)
+
+
+def names() -> List[str]:
+    """All registered backbone names, sorted."""
+    return BACKBONES.names()
+
+
+def spec(name: str) -> BackboneSpec:
+    """Metadata of a registered name (compatible layout, published channel order)."""
+    BACKBONES.get(name)  # raises the did-you-mean KeyError
+    return SPECS[name.lower()]
+
+
+__all__ = ["BACKBONES", "BackboneSpec", "FaceBackbone", "build", "load_state_dict_file", "load_weights", "names",
+           "register", "register_backbone", "spec"]

@@ -1,0 +1,120 @@
+"""The training dataset: decoded uint8 images and labels from one or more sources.
+
+Workers only read and decode (bytes -> uint8 RGB); flipping and normalisation
+happen on the device, batched. A corrupt image does not stop training: it is
+returned with label -1, dropped by `collate`, and counted by the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from data.sources import FaceSource, open_source
+
+
+def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
+    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None if undecodable."""
+    buf = np.frombuffer(payload, dtype=np.uint8)
+    if buf.size == 0:
+        return None
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None:
+        return None
+    if img.shape[:2] != tuple(size):
+        img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class FaceDataset(Dataset):
+    """Concatenation of sources, labels offset so each source has its own classes."""
+
+    def __init__(self, sources: Sequence[FaceSource], image_size: Tuple[int, int] = (112, 112)) -> None:
+        self.sources = list(sources)
+        self.image_size = image_size
+        sizes = np.array([len(s) for s in self.sources], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(sizes)])
+        offsets = np.concatenate([[0], np.cumsum([s.num_classes for s in self.sources])])
+        self.label_offsets = offsets[:-1]
+        self.num_classes = int(offsets[-1])
+        self.labels = np.concatenate([s.labels + off for s, off in zip(self.sources, self.label_offsets)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def locate(self, index: int) -> Tuple[int, int]:
+        """(source number, index inside that source) of a global index."""
+        k = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return k, index - int(self.starts[k])
+
+    def describe(self, index: int) -> str:
+        k, i = self.locate(index)
+        return self.sources[k].describe(i)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
+        k, i = self.locate(index)
+        try:
+            img = decode_image(self.sources[k].read(i), self.image_size)
+        except (OSError, ValueError):
+            img = None
+        if img is None:
+            return torch.zeros(3, *self.image_size, dtype=torch.uint8), -1, index
+        return torch.from_numpy(img).permute(2, 0, 1), int(self.labels[index]), index
+
+
+def build_dataset(spec: str, image_size: Tuple[int, int] = (112, 112)) -> FaceDataset:
+    """`spec`: one path or several joined by commas (labels offset per source)."""
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    return FaceDataset([open_source(p) for p in paths], image_size)
+
+
+def collate(batch: List[Tuple[torch.Tensor, int, int]]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Stack the good samples; return the indices of corrupt ones separately."""
+    good = [b for b in batch if b[1] >= 0]
+    bad = [b[2] for b in batch if b[1] < 0]
+    if not good:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), bad
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
+    return images, labels, bad
+
+
+class ResumableBatchSampler(Sampler[List[int]]):
+    """Shuffled batches, a new permutation per epoch, startable mid-epoch.
+
+    The permutation depends only on (seed, epoch), so a run resumed at batch
+    `start` of an epoch sees exactly the batches the uninterrupted run saw.
+    With `world_size` > 1 each rank takes every world_size-th index of the
+    permutation (its own shard), and all ranks get the same number of batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+        if self.batches_per_epoch() == 0:
+            raise ValueError(f"{n} images are fewer than one batch of {batch_size} x {world_size} process(es)")
+
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[self.rank::self.world_size]
+        for b in range(self.start, self.batches_per_epoch()):
+            yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+
+def worker_init(_: int) -> None:
+    """Decode threads: one per worker process (the workers already run in parallel)."""
+    cv2.setNumThreads(1)

@@ -1,0 +1,142 @@
+"""Where training images come from: one small class per on-disk layout.
+
+A source gives encoded image bytes and integer labels by index and knows how
+to name a record in an error message. Sources are picked by `open_source`,
+which asks each registered kind whether it recognises the path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, List, Protocol, Tuple
+
+import numpy as np
+
+from utils.registry import Registry
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DataSourceError(ValueError):
+    """A training data path that is missing or malformed (one line, names the path)."""
+
+
+class FaceSource(Protocol):
+    path: str
+    num_classes: int
+    labels: np.ndarray  # int64, one per image
+
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> bytes: ...
+
+    def describe(self, index: int) -> str: ...
+
+
+SOURCES = Registry("data source")
+_DETECTORS: List[Tuple[str, Callable[[str], bool]]] = []
+
+
+def register_source(name: str, detect: Callable[[str], bool]):
+    """Register a source class with a predicate that recognises its paths."""
+
+    def deco(cls):
+        SOURCES.register(name)(cls)
+        _DETECTORS.append((name, detect))
+        return cls
+
+    return deco
+
+
+def _is_rec(path: str) -> bool:
+    return path.endswith(".rec") or os.path.isfile(os.path.join(path, "train.rec"))
+
+
+def _is_folder(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.isfile(os.path.join(path, "train.rec"))
+
+
+@register_source("rec", _is_rec)
+class RecSource:
+    """An insightface pack or plain im2rec .rec (+ .idx, optional property)."""
+
+    def __init__(self, path: str) -> None:
+        from data.facerec import FaceRec  # local: keeps import of this module light
+
+        rec = os.path.join(path, "train.rec") if os.path.isdir(path) else path
+        if not os.path.isfile(rec):
+            raise DataSourceError(f"{rec}: no such .rec file")
+        self.path = rec
+        self._rec = FaceRec(rec)
+        self.labels = np.asarray(self._rec.labels, dtype=np.int64)
+        self.num_classes = int(self._rec.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, index: int) -> bytes:
+        payload, _ = self._rec.read(index)
+        return payload
+
+    def describe(self, index: int) -> str:
+        return f"{self.path} record {int(self._rec.image_keys[index])}"
+
+
+@register_source("folder", _is_folder)
+class FolderSource:
+    """Aligned images in `root/<class>/<image>`; classes in sorted name order."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isdir(path):
+            raise DataSourceError(f"{path}: no such directory")
+        classes = sorted(d.name for d in os.scandir(path) if d.is_dir())
+        if not classes:
+            raise DataSourceError(f"{path}: no class sub-folders (expected {path}/<class>/<image>.jpg)")
+        files: List[str] = []
+        labels: List[int] = []
+        for label, cls in enumerate(classes):
+            names = sorted(f for f in os.listdir(os.path.join(path, cls)) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files.extend(os.path.join(cls, f) for f in names)
+            labels.extend([label] * len(names))
+        if not files:
+            raise DataSourceError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+        self.path = path
+        self.classes = classes
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.num_classes = len(classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> bytes:
+        with open(os.path.join(self.path, self.files[index]), "rb") as fh:
+            return fh.read()
+
+    def describe(self, index: int) -> str:
+        return os.path.join(self.path, self.files[index])
+
+
+def open_source(path: str) -> FaceSource:
+    """Open one training data path with the first source kind that recognises it."""
+    if not os.path.exists(path):
+        raise DataSourceError(f"{path}: no such file or directory")
+    for name, detect in _DETECTORS:
+        if detect(path):
+            source = SOURCES.build(name, path)
+            check_labels(source)
+            return source
+    raise DataSourceError(f"{path}: not a training source (expected a folder with train.rec, a .rec file, "
+                          f"or an image folder root/<class>/*.jpg)")
+
+
+def check_labels(source: FaceSource) -> None:
+    """Every label must lie in [0, num_classes): name the first record that does not."""
+    labels = source.labels
+    if len(labels) == 0:
+        raise DataSourceError(f"{source.path}: holds no images")
+    bad = np.flatnonzero((labels < 0) | (labels >= source.num_classes))
+    if len(bad):
+        i = int(bad[0])
+        raise DataSourceError(f"{source.describe(i)}: label {int(labels[i])} outside [0, {source.num_classes}) "
+                              f"({len(bad)} such records)")

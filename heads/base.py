@@ -1,0 +1,119 @@
+"""The margin-head surface shared by every head.
+
+A head owns the class-centre matrix ``weight`` (rows x embedding_size) and turns
+un-normalised embeddings plus labels into float32 logits for a softmax loss. Its
+forward is split in two so a sharded softmax (Partial FC) can reuse the margin on
+a slice of the classes:
+
+    cos = head.cosine(embeddings, weight_shard)          # (B, C_shard), in [-1, 1]
+    logits = head.margin_logits(cos, local_labels, norms)
+
+``local_labels`` index into that shard's columns; -1 means "this row's class lives
+in another shard": the row is only scaled, no margin is applied. ``norms`` are the
+L2 norms (B, 1) of the un-normalised embeddings (feature magnitudes, used by
+SphereFace, AdaFace and MagFace).
+
+Angles are in radians everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utils.registry import Registry
+
+HEADS = Registry("head")
+register = HEADS.register
+
+
+class HeadOutput(NamedTuple):
+    """``logits`` (B, C) float32; ``extra_loss`` a weighted scalar to add to the loss, or None."""
+
+    logits: Tensor
+    extra_loss: Tensor | None = None
+
+
+class MarginHead(nn.Module):
+    """Base class: normalised class centres, cosine logits, a margin on the target column.
+
+    Subclasses implement :meth:`margin_logits`; heads with a feature-norm regulariser
+    override :meth:`extra_loss`. ``rows_per_class`` is how many rows of ``weight``
+    belong to one class (sub-centres), stored class-major: class ``c`` owns rows
+    ``c*K .. c*K+K-1``, so sharding by class is slicing contiguous rows.
+    """
+
+    rows_per_class: int = 1
+
+    def __init__(self, embedding_size: int, num_classes: int) -> None:
+        super().__init__()
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"{type(self).__name__}: embedding_size and num_classes must be >= 1, "
+                             f"got {embedding_size} and {num_classes}")
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.weight = nn.Parameter(torch.randn(num_classes * self.rows_per_class, embedding_size) * 0.01)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
+        """Logits for ``embeddings`` (B, D), un-normalised, and ``labels`` (B,) int64.
+
+        Computed in float32 (float64 if the head was converted with ``.double()``)
+        with autocast switched off: margins on cosines near +-1 do not survive half
+        precision.
+        """
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"{type(self).__name__}: embeddings must be (B, {self.embedding_size}), "
+                             f"got {tuple(embeddings.shape)}")
+        if labels.shape != embeddings.shape[:1]:
+            raise ValueError(f"{type(self).__name__}: labels must be ({embeddings.shape[0]},), "
+                             f"got {tuple(labels.shape)}")
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, self.weight.dtype), torch.float32)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x = embeddings.to(dtype)
+            norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+            cos = self.cosine(x, self.weight.to(dtype))
+            logits = self.margin_logits(cos, labels, norms)
+            return HeadOutput(logits, self.extra_loss(norms))
+
+    def cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
+        """Cosine (B, rows) between each embedding and each row of ``weight``, clamped to [-1, 1]."""
+        cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1))
+        return cos.clamp(-1.0, 1.0)
+
+    def margin_logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
+        """Logits from cosines: margin on column ``labels[i]`` of row i (none where -1), then scale."""
+        raise NotImplementedError
+
+    def extra_loss(self, norms: Tensor) -> Tensor | None:
+        """An already-weighted scalar added to the loss (e.g. MagFace's norm regulariser)."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"embedding_size={self.embedding_size}, num_classes={self.num_classes}"
+
+
+def gather_target(cos: Tensor, labels: Tensor) -> Tensor:
+    """Column ``labels[i]`` of each row as (B, 1); rows with label -1 give column 0 (a placeholder)."""
+    return cos.gather(1, labels.clamp(min=0).unsqueeze(1))
+
+
+def put_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
+    """``logits`` with column ``labels[i]`` of row i replaced by ``target[i]`` (B, 1); label -1 rows unchanged.
+
+    Out of place and without boolean indexing (no host sync on CUDA); gradients are
+    exact: the replaced entries get none, the rest pass through.
+    """
+    valid = (labels >= 0).unsqueeze(1)
+    index = labels.clamp(min=0).unsqueeze(1)
+    keep = logits.gather(1, index)
+    return logits.scatter(1, index, torch.where(valid, target.to(logits.dtype), keep))
+
+
+def check_positive(head: str, **values: float) -> None:
+    """ValueError naming the head and the parameter unless every value is > 0."""
+    for key, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{head}: {key} must be > 0, got {value}")

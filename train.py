@@ -1,0 +1,184 @@
+"""Train a face-recognition model: backbone + margin head + loss, from a Config.
+
+    python train.py --data datasets/synth --backbone mobilefacenet --head arcface --epochs 4 --output runs/demo
+    python train.py --preset insightface_pytorch_ir_se50 --data /data/faces_emore
+    python train.py --resume runs/demo --epochs 8        # continue (and extend) a run
+
+Every Config field is a flag (see --help); `--config FILE` reads YAML or Python.
+The run directory receives config.json, checkpoint.pt (resume), backbone.pt
+(weights for evaluate.py), best.pt, eval.json, history.json, loss.png, tb/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+from typing import Any, Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import backbones
+import heads
+import losses
+from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config, to_dict
+from data.dataset import build_dataset
+from utils import checkpoint as ckpt
+from utils.errors import fail, user_errors
+from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
+from utils.trainer import Trainer
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a face-recognition backbone with a margin head on insightface .rec data or an "
+                    "image folder; verifies on the .bin targets beside the data.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python train.py --data datasets/synth --backbone mobilefacenet --head arcface "
+               "--epochs 4 --output runs/demo\n\n--batch-size is per process.")
+    parser.add_argument("--list-backbones", action="store_true", help="print the backbone table and exit")
+    parser.add_argument("--list-heads", action="store_true", help="print the margin heads and losses and exit")
+    add_config_flags(parser)
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def eval_dir_of(cfg: Config) -> str:
+    """Where the .bin targets are: --eval-data, else the first --data folder (or a .rec's folder)."""
+    if cfg.eval_data:
+        return cfg.eval_data
+    first = cfg.data.split(",")[0].strip()
+    return first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first))
+
+
+def build_head(cfg: Config, num_classes: int) -> nn.Module:
+    params: Dict[str, Any] = dict(cfg.head_kwargs)
+    if cfg.scale is not None:
+        params["s"] = cfg.scale
+    if cfg.margin is not None:
+        params["m"] = cfg.margin
+    return heads.build(cfg.head, cfg.embedding_size, num_classes, **params)
+
+
+def build_loss(cfg: Config) -> nn.Module:
+    """Pass the loss only the config values its builder accepts (gamma, label_smoothing)."""
+    offered = {"gamma": cfg.focal_gamma, "label_smoothing": cfg.label_smoothing}
+    accepted = inspect.signature(losses.LOSSES.get(cfg.loss)).parameters
+    return losses.build(cfg.loss, **{k: v for k, v in offered.items() if k in accepted})
+
+
+def build_backbone(cfg: Config) -> nn.Module:
+    return backbones.build(cfg.backbone, embedding_size=cfg.embedding_size, dropout=cfg.dropout,
+                           channel_order=cfg.input_order)
+
+
+def make_evaluator(cfg: Config, device: torch.device, log) -> Any:
+    """A closure that verifies the backbone on the targets (decoded once), or None if there are none."""
+    names: List[str] = [t for t in cfg.targets.split(",") if t] or None
+    targets = load_targets(eval_dir_of(cfg), names, progress=cfg.progress)
+    for missing in targets.missing:
+        log(f"warning: verification target {missing!r} not found in {eval_dir_of(cfg)}")
+    if not targets.targets:
+        log(f"note: no .bin verification targets in {eval_dir_of(cfg)}; training without verification")
+        return None
+
+    def evaluator(model: nn.Module) -> Dict[str, Any]:
+        results = evaluate_targets(model, targets.targets, batch_size=cfg.eval_batch_size, device=str(device),
+                                   tta=cfg.tta, amp=cfg.amp)
+        return {"mean_accuracy": mean_accuracy(results), "tta": cfg.tta,
+                "results": {k: r.to_dict() for k, r in results.items()},
+                "missing": list(targets.missing)}
+
+    return evaluator
+
+
+def make_logger(output_dir: str):
+    path = os.path.join(output_dir, "train.log")
+
+    def log(msg: str) -> None:
+        tqdm.write(msg)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(msg + "\n")
+
+    return log
+
+
+def list_parts() -> None:
+    print("heads: " + ", ".join(heads.names()))
+    print("losses: " + ", ".join(losses.LOSSES.names()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = get_args_parser()
+    cfg, rest = parse_config(parser, argv)
+    if rest.list_backbones:
+        from backbones.__main__ import main as backbone_table
+
+        return backbone_table([]) or 0
+    if rest.list_heads:
+        list_parts()
+        return 0
+    try:
+        return run(cfg, rest.given)
+    except (ConfigError, *user_errors()) as exc:
+        fail("train.py", exc)
+
+
+def run(cfg: Config, given: Dict[str, Any]) -> int:
+    state = None
+    if cfg.resume:
+        state = ckpt.load_training_checkpoint(cfg.resume)
+        # the resumed run's config, with what was typed now on top (e.g. more --epochs)
+        cfg = apply_overrides(from_dict(state["config"]), given)
+        if "output" not in given:
+            cfg = apply_overrides(cfg, {"output": cfg.resume if os.path.isdir(cfg.resume)
+                                        else os.path.dirname(os.path.abspath(cfg.resume))})
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    os.makedirs(cfg.output, exist_ok=True)
+    log = make_logger(cfg.output)
+
+    dataset = build_dataset(cfg.data)
+    for src, off in zip(dataset.sources, dataset.label_offsets):
+        log(f"data: {src.path}: {len(src)} images, {src.num_classes} classes (labels from {int(off)})")
+    model = build_backbone(cfg)
+    head = build_head(cfg, dataset.num_classes)
+    criterion = build_loss(cfg)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"model: {cfg.backbone} ({n_params:.2f}M params, {cfg.input_order} input), head {cfg.head} "
+        f"({dataset.num_classes} classes), loss {cfg.loss}, device {device}, amp {cfg.amp}")
+    save_config(cfg, os.path.join(cfg.output, "config.json"))
+
+    def save_backbone(m: nn.Module, path: str) -> None:
+        ckpt.save_backbone(path, m.state_dict(), cfg.backbone, cfg.embedding_size, cfg.input_order, to_dict(cfg))
+
+    trainer = Trainer(cfg, model, head, criterion, dataset, device, cfg.output,
+                      evaluator=make_evaluator(cfg, device, log), save_backbone=save_backbone, log=log)
+    if state is not None:
+        trainer.load_state_dict(state)
+        log(f"resumed from {cfg.resume} at step {trainer.step}")
+    elif cfg.save_init:
+        save_backbone(trainer.model, os.path.join(cfg.output, "backbone_init.pt"))
+    log(f"batch {cfg.batch_size} x 1 process = {cfg.batch_size} images/step, {trainer.steps_per_epoch} steps/epoch, "
+        f"{trainer.total_steps} steps in all")
+    trainer.fit(to_dict(cfg))
+    if trainer.skipped:
+        log(f"warning: {trainer.skipped} undecodable images were skipped")
+    log(f"done: {cfg.output}/backbone.pt (best mean verification accuracy "
+        f"{100 * trainer.best:.2f}%)" if trainer.best > -1 else f"done: {cfg.output}/backbone.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

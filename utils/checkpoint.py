@@ -1,0 +1,115 @@
+"""Versioned checkpoint files, written atomically and read without executing code.
+
+Two kinds of file:
+- `checkpoint.pt`: everything needed to resume exactly (model, head, optimizer,
+  scheduler, scaler, step, RNG states, config).
+- `backbone.pt`: the backbone's weights plus what is needed to rebuild it
+  (name, embedding size, channel order), for evaluation, embedding and export.
+Both are dicts with `format` and `version` keys so later readers can tell them
+apart and migrate old files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import random
+from typing import Any, Dict, Mapping
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = "facetrain-checkpoint"
+BACKBONE_FORMAT = "facetrain-backbone"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or of an unknown format."""
+
+
+def save_file(obj: Any, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a torn file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_file(path: str) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, no code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused to load (holds more than tensors and plain data: {first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+
+
+def rng_state() -> Dict[str, Any]:
+    """RNG states of torch (CPU and CUDA), numpy and Python, as weights_only-safe data."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(path: str, **state: Any) -> None:
+    """Write a resumable checkpoint; `state` holds state_dicts and counters."""
+    save_file({"format": CHECKPOINT_FORMAT, "version": VERSION, **state}, path)
+
+
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
+    """Read `checkpoint.pt` (or the one inside a run directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.pt")
+    data = load_file(path)
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a training checkpoint of this project (no format={CHECKPOINT_FORMAT!r})")
+    if int(data.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {data['version']} is newer than this code ({VERSION})")
+    return data
+
+
+def save_backbone(path: str, state_dict: Mapping[str, torch.Tensor], backbone: str, embedding_size: int,
+                  channel_order: str, config: Mapping[str, Any] | None = None, **extra: Any) -> None:
+    """Write the evaluation/export file: weights and how to rebuild the model."""
+    save_file({"format": BACKBONE_FORMAT, "version": VERSION, "backbone": backbone,
+               "embedding_size": int(embedding_size), "channel_order": channel_order,
+               "config": dict(config or {}), "state_dict": dict(state_dict), **extra}, path)
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, for reports that say exactly what was evaluated."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

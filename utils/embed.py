@@ -1,0 +1,95 @@
+"""The one function that turns images into embeddings.
+
+Evaluation, training-time verification and (later) facebank identification
+and ONNX parity checks all call `embed`, so a fix or speed-up lands everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils.preprocess import normalize
+from utils.registry import Registry
+
+TTA_MODES = Registry("tta mode")
+
+
+@TTA_MODES.register("sum")
+def _tta_sum(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """normalise(e(x) + e(flip x)): the insightface protocol."""
+    return F.normalize(model(x).float() + model(x.flip(3)).float(), dim=1)
+
+
+@TTA_MODES.register("concat")
+def _tta_concat(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """normalise([e(x), e(flip x)]): Face_Pytorch style, twice the dimension."""
+    return F.normalize(torch.cat([model(x).float(), model(x.flip(3)).float()], dim=1), dim=1)
+
+
+@TTA_MODES.register("none")
+def _tta_none(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """normalise(e(x)): no flip."""
+    return F.normalize(model(x).float(), dim=1)
+
+
+def _batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def embed(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    tta: str = "sum",
+    amp: bool = False,
+    progress: bool = False,
+    desc: str = "embed",
+) -> np.ndarray:
+    """L2-normalised float32 embeddings of uint8 RGB images (N,H,W,3) or (N,3,H,W).
+
+    The model is put in eval mode for the call and restored afterwards; inputs
+    follow the model's memory format (convert the model to channels_last
+    before the call to use it). With
+    `amp` the backbone runs in bf16 (CPU) or fp16 (CUDA); the sums and the
+    normalisation are float32.
+    """
+    fn = TTA_MODES.get(tta)
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    channels_last = _is_channels_last(model)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
+    n = len(images)
+    out: list[np.ndarray] = []
+    try:
+        with torch.inference_mode(), autocast:
+            bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
+            for sl in _batches(n, batch_size):
+                chunk = images[sl]
+                t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+                x = normalize(t.to(device, non_blocking=True), channels_last=channels_last)
+                out.append(fn(model, x).float().cpu().numpy())
+                bar.update(len(t))
+            bar.close()
+    finally:
+        model.train(was_training)
+    if not out:
+        return np.zeros((0, 0), np.float32)
+    return np.concatenate(out, axis=0)

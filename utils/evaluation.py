@@ -1,0 +1,91 @@
+"""Verification on the .bin targets: load (decode once), embed, score.
+
+Shared by training-time evaluation and evaluate.py so both print the same
+numbers for the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch.nn as nn
+
+from utils.embed import embed
+from utils.verification import VerificationResult, evaluate_embeddings
+
+# The seven standard sets, in the order papers and the seeds report them.
+STANDARD_TARGETS = ("lfw", "cfp_ff", "cfp_fp", "agedb_30", "calfw", "cplfw", "vgg2_fp")
+
+
+@dataclass
+class Target:
+    """A decoded verification set: 2N uint8 RGB images and N same/different flags."""
+
+    name: str
+    path: str
+    images: np.ndarray
+    issame: np.ndarray
+
+
+@dataclass
+class TargetSet:
+    """The targets found (decoded) and the requested ones that were missing."""
+
+    targets: List[Target] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+
+
+_DECODED: Dict[tuple, Target] = {}
+
+
+def find_targets(data_dir: str, names: Sequence[str] | None = None) -> tuple[Dict[str, str], List[str]]:
+    """Map target name -> .bin path under `data_dir`; list the requested names not found.
+
+    With no `names`, every `*.bin` in the folder is a target (standard ones first).
+    """
+    present = {f[:-4]: os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".bin")} \
+        if os.path.isdir(data_dir) else {}
+    if names:
+        found = {n: present[n] for n in names if n in present}
+        return found, [n for n in names if n not in present]
+    order = [n for n in STANDARD_TARGETS if n in present] + sorted(n for n in present if n not in STANDARD_TARGETS)
+    return {n: present[n] for n in order}, []
+
+
+def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(112, 112),
+                 progress: bool = False) -> TargetSet:
+    """Decode the requested targets once per process (cached by path, size and mtime)."""
+    from data.bins import decode_bin  # local: data/ is only needed when targets are loaded
+
+    found, missing = find_targets(data_dir, names)
+    out = TargetSet(missing=missing)
+    for name, path in found.items():
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(image_size))
+        if key not in _DECODED:
+            images, issame = decode_bin(path, image_size=image_size, progress=progress)
+            _DECODED[key] = Target(name, path, images, np.asarray(issame, dtype=bool))
+        out.targets.append(_DECODED[key])
+    return out
+
+
+def evaluate_targets(model: nn.Module, targets: Sequence[Target], batch_size: int = 256, device: str = "cpu",
+                     tta: str = "sum", amp: bool = False, progress: bool = False,
+                     embeddings_out: Dict[str, np.ndarray] | None = None) -> Dict[str, VerificationResult]:
+    """10-fold verification of `model` on each target; optionally keep the embeddings."""
+    results: Dict[str, VerificationResult] = {}
+    for t in targets:
+        emb = embed(model, t.images, batch_size=batch_size, device=device, tta=tta, amp=amp,
+                    progress=progress, desc=t.name)
+        if embeddings_out is not None:
+            embeddings_out[t.name] = emb
+        results[t.name] = evaluate_embeddings(emb, t.issame)
+    return results
+
+
+def mean_accuracy(results: Dict[str, VerificationResult]) -> float:
+    """Mean over targets of the 10-fold mean accuracy (fraction 0-1)."""
+    return float(np.mean([r.accuracy for r in results.values()])) if results else float("nan")

@@ -1,0 +1,58 @@
+"""Learning-rate schedules as pure functions of the optimizer step.
+
+Stepped per iteration (not per epoch), so warmup and decay are smooth and a
+resumed run continues on the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Sequence
+
+from utils.registry import Registry
+
+SCHEDULES = Registry("lr schedule")
+
+
+@SCHEDULES.register("constant")
+def _constant(progress: float, **_: float) -> float:
+    return 1.0
+
+
+@SCHEDULES.register("cosine")
+def _cosine(progress: float, **_: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@SCHEDULES.register("poly")
+def _poly(progress: float, power: float = 2.0, **_: float) -> float:
+    return (1.0 - progress) ** power
+
+
+def lr_factor(
+    step: int,
+    total_steps: int,
+    warmup_steps: int = 0,
+    kind: str = "cosine",
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    power: float = 2.0,
+) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based).
+
+    Linear warmup from ~0 over `warmup_steps`, then `kind` over the remaining
+    steps. `milestones` (in steps) are used by kind 'step': lr *= gamma at each.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "step":
+        return gamma ** sum(step >= m for m in milestones)
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, (step - warmup_steps) / span))
+    return SCHEDULES.get(kind)(progress, power=power)
+
+
+def make_lr_lambda(**kwargs: float) -> Callable[[int], float]:
+    """A closure for torch.optim.lr_scheduler.LambdaLR."""
+    params: Dict[str, float] = dict(kwargs)
+    return lambda step: lr_factor(step, **params)  # type: ignore[arg-type]
