@@ -24,19 +24,19 @@ TTA_MODES = Registry("tta mode")
 @TTA_MODES.register("sum")
 def _tta_sum(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """normalise(e(x) + e(flip x)): the insightface protocol."""
-    return F.normalize(model(x).float() + model(x.flip(3)).float(), dim=1)
+    return F.normalize(model(x).double() + model(x.flip(3)).double(), dim=1)
 
 
 @TTA_MODES.register("concat")
 def _tta_concat(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """normalise([e(x), e(flip x)]): Face_Pytorch style, twice the dimension."""
-    return F.normalize(torch.cat([model(x).float(), model(x.flip(3)).float()], dim=1), dim=1)
+    return F.normalize(torch.cat([model(x).double(), model(x.flip(3)).double()], dim=1), dim=1)
 
 
 @TTA_MODES.register("none")
 def _tta_none(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """normalise(e(x)): no flip."""
-    return F.normalize(model(x).float(), dim=1)
+    return F.normalize(model(x).double(), dim=1)
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -61,7 +61,11 @@ def embed(
     progress: bool = False,
     desc: str = "embed",
 ) -> np.ndarray:
-    """L2-normalised float32 embeddings of uint8 RGB images (N,H,W,3) or (N,3,H,W).
+    """L2-normalised float64 embeddings of uint8 RGB images (N,H,W,3) or (N,3,H,W).
+
+    The flip views are added and normalised in float64, as the published
+    protocol does (insightface sums float64 copies of the outputs), so pair
+    distances near a threshold fall on the same side as theirs.
 
     The model is put in eval mode for the call and restored afterwards; inputs
     follow the model's memory format (convert the model to channels_last
@@ -85,11 +89,11 @@ def embed(
                 chunk = images[sl]
                 t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
                 x = normalize(t.to(device, non_blocking=True), channels_last=channels_last)
-                out.append(fn(model, x).float().cpu().numpy())
+                out.append(fn(model, x).cpu().numpy())
                 bar.update(len(t))
             bar.close()
     finally:
         model.train(was_training)
     if not out:
-        return np.zeros((0, 0), np.float32)
+        return np.zeros((0, 0), np.float64)
     return np.concatenate(out, axis=0)

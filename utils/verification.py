@@ -189,10 +189,10 @@ def threshold_at_far(far: np.ndarray, thresholds: np.ndarray, target: float) -> 
     if not far[0] <= target <= far[-1]:
         raise ValueError(f"FAR target {target} outside the curve's range [{far[0]}, {far[-1]}]")
     hi = int(np.searchsorted(far, target, side="right"))  # first index with FAR > target
-    lo = hi - 1
-    if far[lo] == target or hi == far.size:
-        return float(thresholds[lo])
-    return float(np.interp(target, far[[lo, hi]], thresholds[[lo, hi]]))
+    if hi == far.size:  # target is the top FAR
+        return float(thresholds[-1])
+    # on an exact hit (far[hi - 1] == target) this returns thresholds[hi - 1]
+    return float(np.interp(target, far[[hi - 1, hi]], thresholds[[hi - 1, hi]]))
 
 
 def _val_far(dist, same, fold_id, nfolds: int, far_target: float) -> tuple[float, float, float]:
