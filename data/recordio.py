@@ -411,6 +411,14 @@ class RecordReader:
         os.lseek(fd, pos, os.SEEK_SET)  # pragma: no cover (no pread on Windows)
         return os.read(fd, n)  # pragma: no cover
 
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``keys`` the index has (vectorised)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._dense:  # keys 0..n-1: a range check suffices
+            return (keys >= 0) & (keys < len(self.keys))
+        i = np.clip(np.searchsorted(self._sorted_keys, keys), 0, len(self._sorted_keys) - 1)
+        return self._sorted_keys[i] == keys
+
     def offset_of(self, key: int) -> int:
         """Byte offset of record ``key``; KeyError when the index has no such key."""
         n = len(self.keys)

@@ -16,6 +16,9 @@ from .base import MarginHead, check_positive, gather_target, put_target, registe
 
 
 class _Elastic(MarginHead):
+    """Shared margin sampling. Sharded softmax: every shard draws margins for all rows and
+    only the shard holding a row's class uses its draw, so shards need not agree on draws."""
+
     def __init__(self, name: str, embedding_size: int, num_classes: int, s: float, m: float, sigma: float,
                  generator: torch.Generator | None) -> None:
         check_positive(name, s=s)

@@ -1,0 +1,87 @@
+"""Losses against float64 formulas written out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses
+
+
+def batch(n=16, c=7, spread=4.0):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, c, generator=g) * spread
+    labels = torch.randint(0, c, (n,), generator=g)
+    return logits, labels
+
+
+def ce_per_sample(logits, labels):
+    """-log softmax(logits)[label], float64, from the definition."""
+    z = logits.double()
+    return torch.log(torch.exp(z).sum(1)) - z[torch.arange(len(labels)), labels]
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+def test_focal_per_sample_matches_formula(gamma):
+    logits, labels = batch()
+    ce = ce_per_sample(logits, labels)
+    p = torch.exp(-ce)
+    want = ((1 - p) ** gamma * ce).mean()
+    got = losses.build("focal", gamma=gamma)(logits, labels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_focal_down_weights_per_sample_not_per_batch():
+    logits, labels = batch()
+    per_sample = losses.build("focal")(logits, labels)
+    per_batch = losses.build("focal", reduction="batch")(logits, labels)
+    assert not torch.isclose(per_sample, per_batch, rtol=1e-3)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batch"])
+def test_focal_gamma_zero_is_cross_entropy(reduction):
+    logits, labels = batch()
+    got = losses.build("focal", gamma=0.0, reduction=reduction)(logits, labels)
+    torch.testing.assert_close(got.double(), ce_per_sample(logits, labels).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_focal_batch_reduction_is_the_seeds_formula():
+    logits, labels = batch()
+    ce_mean = ce_per_sample(logits, labels).mean()
+    want = (1 - math.exp(-ce_mean.item())) ** 2.0 * ce_mean
+    got = losses.build("focal", gamma=2.0, reduction="batch")(logits, labels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_focal_gradients_finite_for_confident_and_hopeless_samples():
+    logits = torch.tensor([[60.0, 0.0, 0.0], [0.0, 60.0, 0.0]], requires_grad=True)  # p_t = 1 and p_t ~ 0
+    for gamma in (0.5, 2.0):
+        logits.grad = None
+        losses.build("focal", gamma=gamma)(logits, torch.tensor([0, 0])).backward()
+        assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_cross_entropy_with_label_smoothing(smoothing):
+    logits, labels = batch()
+    logp = torch.log_softmax(logits.double(), dim=1)
+    target = torch.full_like(logp, smoothing / logits.shape[1])
+    target[torch.arange(len(labels)), labels] += 1 - smoothing
+    want = -(target * logp).sum(1).mean()
+    got = losses.build("cross_entropy", label_smoothing=smoothing)(logits, labels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, F.cross_entropy(logits, labels, label_smoothing=smoothing))
+
+
+def test_registry_aliases_and_errors():
+    assert {"cross_entropy", "ce", "softmax", "focal"} <= set(losses.names())
+    assert type(losses.build("ce")) is type(losses.build("softmax")) is type(losses.build("cross_entropy"))
+    with pytest.raises(TypeError, match=r"loss 'focal'.*'alpha'.*valid: gamma, reduction"):
+        losses.build("focal", alpha=0.25)
+    with pytest.raises(KeyError, match="did you mean 'focal'"):
+        losses.build("focall")
+    with pytest.raises(ValueError, match="reduction"):
+        losses.build("focal", reduction="sum")
