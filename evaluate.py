@@ -156,14 +156,15 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"{args.data}: no such data folder")
     paths = expand_checkpoints(args.checkpoints)
+    first = load_model(paths[0], args)  # a bad checkpoint fails before minutes of decoding
     names = [t for t in args.targets.split(",") if t] or None
     targets = load_targets(args.data, names, progress=not args.no_progress)
     if not targets.targets:
         raise FileNotFoundError(f"{args.data}: none of the requested verification targets (.bin) found")
     target_names = [t.name for t in targets.targets]
     rows: List[Dict[str, Any]] = []
-    for path in paths:
-        lm = load_model(path, args)
+    for i, path in enumerate(paths):
+        lm = first if i == 0 else load_model(path, args)
         lm.model.to(device).to(memory_format=torch.channels_last)
         embeddings: Dict[str, np.ndarray] = {}
         results = evaluate_targets(lm.model, targets.targets, batch_size=args.batch_size, device=device,

@@ -43,7 +43,8 @@ def names() -> List[str]:
 def spec(name: str) -> BackboneSpec:
     """Metadata of a registered name (compatible layout, published channel order)."""
     BACKBONES.get(name)  # raises the did-you-mean KeyError
-    return SPECS[name.lower()]
+    # names registered with the plain ``register`` decorator carry no metadata
+    return SPECS.get(name.lower(), BackboneSpec(name.lower(), family="-"))
 
 
 __all__ = ["BACKBONES", "BackboneSpec", "FaceBackbone", "build", "load_state_dict_file", "load_weights", "names",

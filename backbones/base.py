@@ -34,8 +34,10 @@ F = TypeVar("F", bound=Callable[..., "FaceBackbone"])
 class BackboneSpec:
     """What a registered name is, besides how to build it.
 
-    ``layout`` names the key set of ``state_dict_layouts.json`` its state_dict matches exactly
-    (``None`` if no published checkpoint layout); ``trained_channel_order`` is the channel order
+    ``layout`` names the published key set its state_dict matches exactly: an entry of
+    ``state_dict_layouts.json`` (``InsightFace_Pytorch/ir_se50``, ``arcface_torch/iresnet50``...) or
+    ``efficientnet_pytorch/efficientnet-bN`` (the stock package model); ``None`` if there is no
+    published checkpoint layout. ``trained_channel_order`` is the channel order
     the published checkpoints of that layout were trained on (our default build is always RGB).
     """
 

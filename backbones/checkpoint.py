@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 from typing import Dict, List, Mapping
 
 import torch
@@ -22,12 +24,17 @@ def load_state_dict_file(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """Read ``path`` into a flat ``{key: tensor}`` dict (unwrapped, ``module.`` stripped)."""
     path = os.fspath(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter from the weights-only unpickler
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, EOFError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a plain tensor checkpoint (refusing to run pickled code): {first}") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it needs code ({found.group(1)})" if found else "it holds objects other than tensors and containers"
+        raise ValueError(f"{path}: refused, {what}; only plain state_dicts are loaded (weights_only=True)") from None
+    except Exception as e:  # truncated file, not a torch file at all, ...
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
     for key in WRAPPER_KEYS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]

@@ -128,7 +128,8 @@ def _linear_block(cin: int, cout: int, kernel: int = 1, stride: int = 1, padding
 
 class _DepthWiseA(_Seq):
     def __init__(self, cin: int, cout: int, mid: int, stride: int = 1, residual: bool = False):
-        super().__init__(_conv_block(cin, mid), _conv_block(mid, mid, 3, stride, 1, groups=mid), _linear_block(mid, cout))
+        super().__init__(_conv_block(cin, mid), _conv_block(mid, mid, 3, stride, 1, groups=mid),
+                         _linear_block(mid, cout))
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -197,6 +198,7 @@ def mobilefacenet(embedding_size: int = 512, dropout: float = 0.0, channel_order
 
 
 @register_backbone("mbf", family="mobilefacenet", layout="arcface_torch/mbf", trained_channel_order="rgb")
-def mbf(embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb", **kwargs: Any) -> MobileFaceNetArcface:
+def mbf(embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",
+        **kwargs: Any) -> MobileFaceNetArcface:
     """arcface_torch MobileFaceNet ``mbf`` (scale 2; published 0.45 GFLOPs at 112x112)."""
     return MobileFaceNetArcface(embedding_size, dropout, channel_order, **kwargs)

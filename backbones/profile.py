@@ -14,7 +14,7 @@ Counting runs on the ``meta`` device, so even the largest backbones cost no comp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_ops(model: nn.Module, input_size: Tuple[int, int] = (112, 112),
-              device: Optional[torch.device | str] = None) -> Dict[str, int]:
+              device: torch.device | str | None = None) -> Dict[str, int]:
     """``{'macs': conv+linear MACs, 'flops': published convention}`` for one image of ``input_size`` (H, W)."""
     macs = [0]
     other = [0]
@@ -64,7 +64,7 @@ def count_ops(model: nn.Module, input_size: Tuple[int, int] = (112, 112),
 
     hooks = []
     for m in model.modules():
-        hook: Optional[Callable[..., None]] = None
+        hook: Callable[..., None] | None = None
         if isinstance(m, nn.Conv2d):
             hook = conv_hook
         elif isinstance(m, nn.Linear):
@@ -98,7 +98,7 @@ def profile(builder: Callable[[], nn.Module], input_size: Tuple[int, int] = (112
     return Profile(count_params(model) / 1e6, ops["flops"] / 1e9, ops["macs"] / 1e9)
 
 
-def profile_table(names: Optional[List[str]] = None) -> List[Tuple[str, Profile, str, str]]:
+def profile_table(names: List[str] | None = None) -> List[Tuple[str, Profile, str, str]]:
     """(name, profile, compatible layout or '-', published channel order) for registered backbones."""
     from . import build, spec
     from . import names as all_names

@@ -61,7 +61,7 @@ class RecSource:
     """An insightface pack or plain im2rec .rec (+ .idx, optional property)."""
 
     def __init__(self, path: str) -> None:
-        from data.facerec import FaceRec  # local: keeps import of this module light
+        from data.facerec import FaceRec, read_property  # local: keeps import of this module light
 
         rec = os.path.join(path, "train.rec") if os.path.isdir(path) else path
         if not os.path.isfile(rec):
@@ -70,6 +70,12 @@ class RecSource:
         self._rec = FaceRec(rec)
         self.labels = np.asarray(self._rec.labels, dtype=np.int64)
         self.num_classes = int(self._rec.num_classes)
+        prop = os.path.join(os.path.dirname(os.path.abspath(rec)), "property")
+        if os.path.isfile(prop):
+            # `property` declares the class count the head is sized for; a label at or
+            # beyond it is an error in the data (check_labels names the record), not a
+            # reason to silently grow the head.
+            self.num_classes = read_property(prop)[0]
 
     def __len__(self) -> int:
         return len(self.labels)

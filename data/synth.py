@@ -25,7 +25,7 @@ import functools
 import math
 import os
 import time
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import cv2
 import numpy as np
@@ -54,7 +54,7 @@ def _scale(c, k: float) -> Tuple[float, float, float]:
 
 
 def _jitter(rng: np.random.Generator, c, amount: float) -> Tuple[float, float, float]:
-    return tuple(float(np.clip(x + rng.normal(0, amount), 0, 255)) for x in c)
+    return tuple(min(255.0, max(0.0, float(x) + amount * float(z))) for x, z in zip(c, rng.standard_normal(3)))
 
 
 # --------------------------------------------------------------------------- traits
@@ -154,8 +154,8 @@ class _Pose:
     def surf(self, pts, dz=0.0) -> np.ndarray:
         pts = np.asarray(pts, np.float64).reshape(-1, 2)
         r2 = (pts[:, 0] / self.a) ** 2 + (pts[:, 1] / self.b) ** 2
-        z = self.c * np.sqrt(np.clip(1 - r2, 0.03, 1)) + dz
-        p = np.column_stack([pts, z]) @ self.rot.T
+        z = self.c * np.sqrt(np.maximum(1 - r2, 0.03)) + dz
+        p = pts @ self.rot[:, :2].T + z[:, None] * self.rot[:, 2]
         return p @ self.m2.T + self.off
 
     def sil(self, pts) -> np.ndarray:
@@ -194,10 +194,9 @@ def _head_outline(h: dict, n: int = 48) -> np.ndarray:
 # --------------------------------------------------------------------------- rendering
 
 def _background(img, rng, d: float) -> None:
-    base = rng.uniform(40, 220, 3)
-    img[:] = base.astype(np.uint8)
-    n = int(rng.integers(0, 1 + round(7 * d)))
     S = SIZE * _SS
+    cv2.rectangle(img, (0, 0), (S, S), tuple(rng.uniform(40, 220, 3).tolist()), -1)
+    n = int(rng.integers(0, 1 + round(7 * d)))
     for _ in range(n):
         c = tuple(float(v) for v in rng.uniform(0, 255, 3))
         kind = rng.integers(3)
@@ -364,7 +363,8 @@ def _draw_features(img, P, tr, ex, rng, skin) -> None:
             else:  # rounded rectangle (superellipse)
                 t = np.linspace(0, 2 * math.pi, 24, endpoint=False)
                 c, sn = np.cos(t), np.sin(t)
-                ring = np.column_stack([cx + rx * np.sign(c) * np.abs(c) ** 0.4, cy + ry * np.sign(sn) * np.abs(sn) ** 0.4])
+                ring = np.column_stack([cx + rx * np.sign(c) * np.abs(c) ** 0.4,
+                                        cy + ry * np.sign(sn) * np.abs(sn) ** 0.4])
             lenses.append(P.surf(ring, 2.5))
             _line(img, P.surf(np.array([[side * (e["dx"] + rx), cy], [side * tr["head"]["a"] * 0.99, cy - 1]]), 1.0),
                   fc, th)
@@ -397,7 +397,8 @@ def _occlude(img, P, tr, rng, skin) -> None:
         top_y = tr["nose"]["y"] - rng.uniform(3, 10)
         low = outline[outline[:, 1] > top_y]
         low = low[np.argsort(np.arctan2(low[:, 1], low[:, 0]))]
-        pts = np.vstack([low * 0.98, [[-tr["head"]["a"] * 0.95, top_y], [0, top_y - 2], [tr["head"]["a"] * 0.95, top_y]]])
+        a = tr["head"]["a"] * 0.95
+        pts = np.vstack([low * 0.98, [[-a, top_y], [0, top_y - 2], [a, top_y]]])
         _fill(img, [P.surf(pts)], col)
     elif kind == 3:  # sunglasses
         for side in (-1, 1):
@@ -418,6 +419,11 @@ def _occlude(img, P, tr, rng, skin) -> None:
 _GRID = None
 
 
+@functools.lru_cache(maxsize=1)
+def _noise_field() -> np.ndarray:
+    return np.random.default_rng(12345).standard_normal((2 * SIZE, 2 * SIZE, 3), dtype=np.float32)
+
+
 def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0, **overrides: Any) -> np.ndarray:
     """Draw one image of the identity ``traits``; returns a (112, 112, 3) uint8 RGB array.
 
@@ -428,7 +434,7 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
     """
     global _GRID
     d = float(difficulty)
-    g = lambda sd, lim: float(np.clip(rng.normal(0, sd * d), -lim * max(d, 1e-6), lim * max(d, 1e-6)))
+    g = lambda sd, lim: min(lim * d, max(-lim * d, sd * d * float(rng.standard_normal())))
     v = {"yaw": g(16, 48), "pitch": g(7, 18), "roll": g(5, 14), "scale": 1 + g(0.05, 0.1),
          "tx": g(1.8, 4), "ty": g(1.8, 4), "occlude": rng.random() < 0.12 * d,
          "smile": g(0.5, 1), "mouth_open": max(0.0, g(0.5, 1)) if rng.random() < 0.3 else 0.0,
@@ -484,14 +490,183 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
     grad = 1 + abs(g(0.25, 0.5)) * (math.cos(ang) * _GRID[0] + math.sin(ang) * _GRID[1])
     cast = 1 + np.array([g(0.07, 0.15) for _ in range(3)], np.float32)
     out *= (math.exp(g(0.22, 0.6)) * grad)[..., None] * cast
-    sigma = abs(g(0.6, 1.5))
+    sigma = abs(g(0.6, 1.3))
     if sigma > 0.3:
         out = cv2.GaussianBlur(out, (0, 0), sigma)
     noise = abs(g(4.0, 10.0))
-    if noise > 0.5:
-        out += rng.standard_normal(out.shape, dtype=np.float32) * noise
+    if noise > 0.5:  # a random window of a fixed noise field: much cheaper than fresh normals
+        oy, ox = (int(v) for v in rng.integers(0, SIZE, 2))
+        out += _noise_field()[oy:oy + SIZE, ox:ox + SIZE] * noise
     out = np.clip(out, 0, 255).astype(np.uint8)
     if rng.random() < 0.25 * d:
         q = int(rng.integers(15, 60))
         out = cv2.imdecode(cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, q])[1], cv2.IMREAD_COLOR)
     return out
+
+
+# --------------------------------------------------------------------------- data set
+
+#: Character of each verification set: pose of the pair's images, age drift of the
+#: second image, and whether negatives are look-alikes (see ``generate_dataset``).
+SET_CHARACTER = {
+    "lfw": {"pose": "free", "age": 0.0, "lookalike": False},
+    "cfp_ff": {"pose": "frontal", "age": 0.0, "lookalike": False},
+    "cfp_fp": {"pose": "frontal_profile", "age": 0.0, "lookalike": False},
+    "agedb_30": {"pose": "free", "age": 1.0, "lookalike": False},
+    "calfw": {"pose": "free", "age": 0.7, "lookalike": True},
+    "cplfw": {"pose": "cross", "age": 0.0, "lookalike": True},
+    "vgg2_fp": {"pose": "frontal_profile", "age": 0.0, "lookalike": False},
+}
+
+# A job is (set_code, identity, parent, index, yaw, age): set_code 0 = train, k = k-th set;
+# parent >= 0 makes the identity a look-alike of identity ``parent``; yaw None = random.
+_Job = Tuple[int, int, int, int, Any, float]
+
+
+def pair_count(name: str, pairs: float) -> int:
+    """Pairs of set ``name``: its real count times ``pairs``, a multiple of 20 (10 balanced folds), >= 20."""
+    return max(20, int(VERIFICATION_PAIRS[name] * pairs / 20 + 0.5) * 20)
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_traits(seed: int, identity: int, parent: int = -1) -> dict:
+    """The traits of global identity ``identity`` of data set ``seed`` (a look-alike of ``parent`` if >= 0)."""
+    if parent >= 0:
+        return lookalike_traits(identity_traits(seed, parent), np.random.default_rng([seed, 4, identity]))
+    return render_identity_traits(np.random.default_rng([seed, 0, identity]))
+
+
+def render_job(seed: int, difficulty: float, job: _Job) -> np.ndarray:
+    """Render one image of a job list (see ``dataset_jobs``); a pure function of its arguments."""
+    set_code, ident, parent, index, yaw, age = job
+    traits = identity_traits(seed, ident, parent)
+    rng = np.random.default_rng([seed, 1, set_code, ident, index])
+    if set_code == 0 and rng.random() < 0.3:  # some training photos show the person older
+        age = float(rng.uniform(0.1, 0.8))
+    if age > 0:
+        traits = age_traits(traits, np.random.default_rng([seed, 5, set_code, ident, index]), age)
+    return render_face(traits, rng, difficulty, **({} if yaw is None else {"yaw": yaw}))
+
+
+def _pair_yaws(pose: str, rng: np.random.Generator) -> Tuple[Any, Any]:
+    if pose == "frontal":
+        return float(rng.normal(0, 4)), float(rng.normal(0, 4))
+    if pose == "frontal_profile":
+        return float(rng.normal(0, 4)), float(rng.choice([-1, 1]) * rng.uniform(36, 52))
+    if pose == "cross":
+        return float(rng.normal(0, 8)), float(rng.choice([-1, 1]) * rng.uniform(22, 48))
+    return None, None
+
+
+def dataset_jobs(identities: int, images_per_id: int, pairs: float, seed: int
+                 ) -> Tuple[List[_Job], Dict[str, Dict[str, Any]]]:
+    """Every image of a data set in write order, and per verification set its pairs and identities.
+
+    Train identities are 0..identities-1; each verification set draws its own pool of
+    held-out identities numbered from ``identities`` up, so no set shares an identity
+    with train or with another set. Each set has 10 contiguous folds, each half
+    same-identity pairs then half different-identity pairs; pair i = images 2i, 2i+1.
+    """
+    jobs: List[_Job] = [(0, i, -1, j, None, 0.0) for i in range(identities) for j in range(images_per_id)]
+    sets: Dict[str, Dict[str, Any]] = {}
+    next_id = identities
+    for code, name in enumerate(VERIFICATION_PAIRS, start=1):
+        char = SET_CHARACTER[name]
+        n = pair_count(name, pairs)
+        rng = np.random.default_rng([seed, 2, code])
+        pool = np.arange(next_id, next_id + max(8, n // 4))
+        next_id = int(pool[-1]) + 1
+        # look-alike sets: every odd identity of the pool is a look-alike of the one before it
+        parent = {int(g): (int(g) - 1 if char["lookalike"] and (g - pool[0]) % 2 else -1) for g in pool}
+        issame: List[bool] = []
+        start = len(jobs)
+        for _ in range(10):
+            for same in (True, False):
+                for _ in range(n // 20):
+                    if same:
+                        a = b = int(rng.choice(pool))
+                    elif char["lookalike"]:
+                        base = int(pool[0]) + 2 * int(rng.integers(len(pool) // 2))
+                        a, b = (base, base + 1) if rng.random() < 0.5 else (base + 1, base)
+                    else:
+                        a, b = (int(v) for v in rng.choice(pool, 2, replace=False))
+                    ya, yb = _pair_yaws(char["pose"], rng)
+                    age = float(rng.uniform(0.4, 1.0) * char["age"])
+                    k = len(jobs) - start
+                    jobs.append((code, a, parent[a], k, ya, 0.0))
+                    jobs.append((code, b, parent[b], k + 1, yb, age))
+                    issame.append(same)
+        used = sorted({j[1] for j in jobs[start:]})
+        sets[name] = {"pairs": n, "images": 2 * n, "issame": issame, "identities": used,
+                      "lookalike_of": {g: parent[g] for g in used if parent[g] >= 0}}
+    return jobs, sets
+
+
+def _encode(img: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(img[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("cv2.imencode failed to write a JPEG")
+    return buf.tobytes()
+
+
+def _work(args: Tuple[int, float, int, _Job]) -> bytes:
+    seed, difficulty, quality, job = args
+    return _encode(render_job(seed, difficulty, job), quality)
+
+
+def generate_dataset(out_dir: str, identities: int = 300, images_per_id: int = 20, pairs: float = 0.05,
+                     seed: int = 0, difficulty: float = 1.0, jpeg_quality: int = 90, progress: bool = True,
+                     workers: int = 1) -> Dict[str, Any]:
+    """Write a synthetic insightface pack into ``out_dir``: train.rec/.idx/property of
+    ``identities`` classes x ``images_per_id`` JPEGs, and the seven verification .bin
+    files from held-out identities, with ``pairs`` times the real pair counts.
+
+    Output bytes depend only on the arguments (not on ``workers``). Returns counts,
+    the held-out identities of each set, and the seconds taken.
+    """
+    from data.bins import write_bin
+    from data.facerec import write_pack
+
+    if identities < 1 or images_per_id < 1:
+        raise ValueError(f"generate_dataset: identities={identities} and images_per_id={images_per_id} must be >= 1")
+    t0 = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    jobs, sets = dataset_jobs(identities, images_per_id, pairs, seed)
+    args = ((seed, float(difficulty), jpeg_quality, j) for j in jobs)
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+        results: Iterator[bytes] = pool.imap(_work, args, chunksize=32)
+    else:
+        results = map(_work, args)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="synth", unit="img")
+
+    def take(n: int) -> Iterator[bytes]:
+        for _ in range(n):
+            payload = next(results)
+            if bar is not None:
+                bar.update(1)
+            yield payload
+
+    n_train = identities * images_per_id
+    try:
+        labels = (j[1] for j in jobs[:n_train])
+        pack = write_pack(out_dir, zip(labels, take(n_train)), num_classes=identities, image_size=(SIZE, SIZE))
+        for name, info in sets.items():
+            write_bin(os.path.join(out_dir, f"{name}.bin"), list(take(info["images"])), info["issame"])
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+    seconds = time.perf_counter() - t0
+    return {"out_dir": out_dir, "seed": seed, "difficulty": difficulty, "train_classes": identities,
+            "train_images": n_train, "pack": pack, "images": len(jobs), "seconds": round(seconds, 2),
+            "images_per_second": round(len(jobs) / seconds, 1),
+            "sets": {k: {kk: vv for kk, vv in v.items() if kk != "issame"} for k, v in sets.items()}}

@@ -160,8 +160,12 @@ class Trainer:
                 self.save_backbone_fn(self.model, os.path.join(self.output_dir, "best.pt"))
         return report
 
-    def fit(self, config: Dict[str, Any]) -> None:
-        """Train to `total_steps`, evaluating and checkpointing on the way."""
+    def fit(self, config: Dict[str, Any], stop_at: int | None = None) -> None:
+        """Train to `total_steps`, evaluating and checkpointing on the way.
+
+        `stop_at` ends the run early at that step with a checkpoint written (what
+        an interruption does); resuming from it continues on the same schedule.
+        """
         cfg = self.cfg
         os.makedirs(self.output_dir, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter  # local: heavy import
@@ -193,6 +197,9 @@ class Trainer:
                         lr = self.optimizer.param_groups[0]["lr"]
                         mean_loss = window_loss / window_n
                         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}", epoch=epoch)
+                        if not cfg.progress:  # logs and pipes get plain lines instead of a bar
+                            self.log(f"step {self.step}/{self.total_steps} epoch {epoch} loss {mean_loss:.4f} "
+                                     f"lr {lr:.5g} {ips:.1f} img/s")
                         for k, v in (("step", self.step), ("loss", mean_loss), ("lr", lr)):
                             self.history[k].append(v)
                         self._tb.add_scalar("train/loss", mean_loss, self.step)
@@ -206,8 +213,14 @@ class Trainer:
                     if (cfg.save_every and self.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch):
                         self.save(config)
                         last_save = self.step
-                    if self.step >= self.total_steps:
+                    if self.step >= self.total_steps or (stop_at is not None and self.step >= stop_at):
                         break
+                if stop_at is not None and self.step >= stop_at:
+                    break
+            if stop_at is not None and self.step < self.total_steps:
+                if last_save != self.step:
+                    self.save(config)
+                return
             if last_eval != self.step:
                 self._log_eval(self.evaluate())
             if last_save != self.step:

@@ -1,0 +1,99 @@
+"""The three scripts end to end on a tiny pack, and their one-line errors on bad input."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+import evaluate
+import prepare_data
+import train
+
+
+def _one_line_error(capsys, fn, argv, *needles):
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_pack, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    assert train.main(["--data", tiny_pack, "--output", out, "--batch-size", "12", "--max-steps", "2",
+                       "--num-workers", "0", "--no-progress", "--targets", "lfw,cfp_fp", "--save-init",
+                       "--log-every", "1"]) == 0
+    return out
+
+
+def test_train_writes_the_run_directory(run_dir):
+    for f in ("config.json", "checkpoint.pt", "backbone.pt", "backbone_init.pt", "best.pt", "eval.json",
+              "history.json", "loss.png", "train.log"):
+        assert os.path.isfile(os.path.join(run_dir, f)), f
+    cfg = json.load(open(os.path.join(run_dir, "config.json")))
+    assert cfg["backbone"] == "mobilefacenet" and cfg["max_steps"] == 2
+    report = json.load(open(os.path.join(run_dir, "eval.json")))
+    assert set(report["results"]) == {"lfw", "cfp_fp"}
+
+
+def test_evaluate_run_dir_table_and_report(run_dir, tiny_pack, capsys, tmp_path):
+    assert evaluate.main([run_dir, os.path.join(run_dir, "backbone_init.pt"), "--data", tiny_pack,
+                          "--targets", "lfw,nosuch", "--no-progress", "--report", str(tmp_path),
+                          "--save-embeddings", str(tmp_path / "emb")]) == 0
+    out = capsys.readouterr().out
+    assert "| checkpoint | lfw | nosuch | mean |" in out and "missing" in out
+    report = json.load(open(tmp_path / "eval.json"))
+    assert report["missing_targets"] == ["nosuch"] and len(report["checkpoints"]) == 2
+    lfw = report["checkpoints"][0]["results"]["lfw"]
+    assert len(lfw["fold_accuracies"]) == 10 and 0.0 <= lfw["accuracy"] <= 1.0
+    emb = np.load(tmp_path / "emb" / "backbone" / "lfw.npy")
+    assert emb.shape == (40, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-6)
+
+
+def test_resume_continues_from_the_step(run_dir, tiny_pack):
+    assert train.main(["--resume", run_dir, "--max-steps", "3"]) == 0
+    log = open(os.path.join(run_dir, "train.log")).read()
+    assert "at step 2" in log
+    assert json.load(open(os.path.join(run_dir, "history.json")))["step"][-1] == 3
+
+
+def test_train_missing_data_dir(capsys, tmp_path):
+    _one_line_error(capsys, train.main, ["--data", str(tmp_path / "nope"), "--output", str(tmp_path / "r")],
+                    "train.py: error:", "nope", "no such file or directory")
+
+
+def test_train_unknown_backbone_suggests(capsys, tiny_pack, tmp_path):
+    _one_line_error(capsys, train.main, ["--data", tiny_pack, "--backbone", "mobilefacenett",
+                                         "--output", str(tmp_path / "r")], "did you mean 'mobilefacenet'")
+
+
+def test_evaluate_bin_with_wrong_count(capsys, run_dir, tmp_path):
+    with open(tmp_path / "lfw.bin", "wb") as fh:
+        pickle.dump(([b"x"] * 3, [True, False]), fh, protocol=4)
+    _one_line_error(capsys, evaluate.main, [run_dir, "--data", str(tmp_path), "--no-progress"],
+                    "evaluate.py: error:", "lfw.bin")
+
+
+def test_evaluate_missing_checkpoint(capsys, tiny_pack, tmp_path):
+    _one_line_error(capsys, evaluate.main, [str(tmp_path / "none.pt"), "--data", tiny_pack], "none.pt")
+
+
+def test_evaluate_foreign_weights_need_backbone(capsys, tiny_pack, tmp_path):
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "foreign.pth")
+    _one_line_error(capsys, evaluate.main, [str(tmp_path / "foreign.pth"), "--data", tiny_pack, "--no-progress"],
+                    "--backbone")
+
+
+def test_prepare_data_help_has_example(capsys):
+    with pytest.raises(SystemExit):
+        prepare_data.main(["synth", "--help"])
+    assert "example:" in capsys.readouterr().out
