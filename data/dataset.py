@@ -55,14 +55,25 @@ class FaceDataset(Dataset):
         k, i = self.locate(index)
         return self.sources[k].describe(i)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int | str]:
+        """(uint8 CHW RGB image, label, index); label -1 for an undecodable image.
+
+        A record that cannot be read at all (truncated file, bad magic) comes back
+        with label -2 and the error message in place of the index, so the main
+        process can stop with that one line instead of a worker traceback.
+        """
         k, i = self.locate(index)
+        blank = torch.zeros(3, *self.image_size, dtype=torch.uint8)
         try:
-            img = decode_image(self.sources[k].read(i), self.image_size)
-        except (OSError, ValueError):
+            payload = self.sources[k].read(i)
+        except (OSError, ValueError) as exc:
+            return blank, -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
+        try:
+            img = decode_image(payload, self.image_size)
+        except (cv2.error, ValueError):
             img = None
         if img is None:
-            return torch.zeros(3, *self.image_size, dtype=torch.uint8), -1, index
+            return blank, -1, index
         return torch.from_numpy(img).permute(2, 0, 1), int(self.labels[index]), index
 
 
@@ -72,8 +83,13 @@ def build_dataset(spec: str, image_size: Tuple[int, int] = (112, 112)) -> FaceDa
     return FaceDataset([open_source(p) for p in paths], image_size)
 
 
-def collate(batch: List[Tuple[torch.Tensor, int, int]]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """Stack the good samples; return the indices of corrupt ones separately."""
+def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Tensor, torch.Tensor, List[int | str]]:
+    """Stack the good samples; return the bad ones separately.
+
+    `bad` holds the index of each undecodable image and, for an unreadable
+    record (label -2), its error message: the trainer raises that one in the
+    main process (this function runs inside the DataLoader workers).
+    """
     good = [b for b in batch if b[1] >= 0]
     bad = [b[2] for b in batch if b[1] < 0]
     if not good:

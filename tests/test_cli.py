@@ -97,3 +97,30 @@ def test_prepare_data_help_has_example(capsys):
     with pytest.raises(SystemExit):
         prepare_data.main(["synth", "--help"])
     assert "example:" in capsys.readouterr().out
+
+
+def test_train_damaged_record_is_one_line(capsys, tiny_pack, tmp_path):
+    import shutil
+
+    pack = tmp_path / "pack"
+    shutil.copytree(tiny_pack, pack)
+    idx = dict(line.split("\t") for line in (pack / "train.idx").read_text().splitlines())
+    data = bytearray((pack / "train.rec").read_bytes())
+    off = int(idx["10"])
+    data[off:off + 4] = b"\0\0\0\0"  # record 10 loses its magic word
+    (pack / "train.rec").write_bytes(bytes(data))
+    err = _one_line_error(capsys, train.main, ["--data", str(pack), "--output", str(tmp_path / "r"),
+                                               "--batch-size", "36", "--num-workers", "1", "--no-progress",
+                                               "--max-steps", "1"], "train.py: error:", "train.rec")
+    assert "record 10" in err and "magic" in err
+
+
+def test_train_truncated_pack_is_one_line(capsys, tiny_pack, tmp_path):
+    import shutil
+
+    pack = tmp_path / "pack"
+    shutil.copytree(tiny_pack, pack)
+    rec = pack / "train.rec"
+    rec.write_bytes(rec.read_bytes()[: rec.stat().st_size * 2 // 3])
+    _one_line_error(capsys, train.main, ["--data", str(pack), "--output", str(tmp_path / "r")],
+                    "train.py: error:", "train.rec record", "past the end")

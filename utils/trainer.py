@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.dataset import FaceDataset, ResumableBatchSampler, collate, worker_init
+from data.sources import DataSourceError
 from utils import checkpoint as ckpt
 from utils.atomic import write_json
 from utils.preprocess import normalize, random_flip
@@ -180,6 +181,9 @@ class Trainer:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start)
                 for images, labels, bad in self._loader():
+                    unreadable = [b for b in bad if isinstance(b, str)]
+                    if unreadable:  # a damaged data file: stop with its one-line message
+                        raise DataSourceError(unreadable[0])
                     if bad:
                         self.skipped += len(bad)
                         names = ", ".join(self.dataset.describe(i) for i in bad[:3])
