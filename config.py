@@ -69,6 +69,8 @@ class Config:
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warmup length in epochs"})
     grad_clip: float = field(default=5.0, metadata={"help": "clip gradient norm to this (0 = off)"})
     amp: bool = field(default=False, metadata={"help": "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU"})
+    channels_last: bool = field(default=True, metadata={
+        "help": "channels_last memory format for the backbone (faster convolutions on CPU and GPU)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
 

@@ -214,10 +214,7 @@ def _hair_cap(P: _Pose, tr: dict, hair: dict, vol: float) -> np.ndarray:
     h = tr["head"]
     a, b = h["a"] + vol, h["b"] + vol
     line_y = -hair["line"] * h["b"]
-    if hair["style"] in (3, 4):  # long hair frames the face down the sides
-        temple = hair["temple"] + 14
-    else:
-        temple = hair["temple"]
+    temple = hair["temple"] + (14 if hair["style"] in (3, 4) else 0)  # long hair frames the face
     t_l = math.pi - math.asin(np.clip(temple / b, -0.95, 0.95))
     t_r = 2 * math.pi + math.asin(np.clip(temple / b, -0.95, 0.95))
     t = np.linspace(t_l, t_r, 20)
@@ -233,7 +230,7 @@ def _hair_cap(P: _Pose, tr: dict, hair: dict, vol: float) -> np.ndarray:
     return np.vstack([outer, inner])
 
 
-def _draw_eye(img, P, tr, side, ex, open_, gaze, skin) -> None:
+def _draw_eye(img, P, tr, side, open_, gaze, skin) -> None:
     e = tr["eyes"]
     cx, cy = side * e["dx"], e["dy"]
     w, hgt = e["w"], e["w"] * e["h"] * open_
@@ -257,7 +254,7 @@ def _draw_eye(img, P, tr, side, ex, open_, gaze, skin) -> None:
     _line(img, P.surf(rot(w * 1.05 * np.cos(tu), up * np.sin(tu))), (30, 22, 20), P.px(0.5 * e["lash"] + 0.3))
 
 
-def _draw_features(img, P, tr, ex, rng, skin) -> None:
+def _draw_features(img, P, tr, ex, skin) -> None:
     e, br, no, mo, x = tr["eyes"], tr["brows"], tr["nose"], tr["mouth"], tr["extras"]
     hair_c = tr["hair"]["colour"]
     dark = _scale(skin, tr["skin"]["shade"])
@@ -305,7 +302,7 @@ def _draw_features(img, P, tr, ex, rng, skin) -> None:
         pts = np.vstack([np.column_stack([side * xs, yc - th / 2]), np.column_stack([side * xs, yc + th / 2])[::-1]])
         _fill(img, [P.surf(pts)], bcol)
     for side in (-1, 1):
-        _draw_eye(img, P, tr, side, ex, ex["open"], ex["gaze"], skin)
+        _draw_eye(img, P, tr, side, ex["open"], ex["gaze"], skin)
     # nose: bridge shadow, wings, tip, nostrils
     s = ex["shadow_side"]
     ny, nw, pr = no["y"], no["w"], no["prot"]
@@ -324,7 +321,7 @@ def _draw_features(img, P, tr, ex, rng, skin) -> None:
     q = 1 - (xs / w) ** 2
     line = mo["y"] + (mo["curve"] + 2.5 * ex["smile"]) * q - 2.5 * ex["smile"]
     up_edge = line - mo["up"] * np.sqrt(q) * (1 - 0.35 * np.exp(-(xs / 2.5) ** 2))
-    gap = ex["open"] * 0 + ex["mouth_open"] * 6 * np.sqrt(q)
+    gap = ex["mouth_open"] * 6 * np.sqrt(q)
     low_top = line + gap
     low_edge = low_top + mo["low"] * np.sqrt(q)
     lip = _mix(skin, (175, 55, 70), mo["red"])
@@ -332,7 +329,7 @@ def _draw_features(img, P, tr, ex, rng, skin) -> None:
         _fill(img, [P.surf(np.vstack([np.column_stack([xs, line]), np.column_stack([xs, low_top])[::-1]]))],
               (55, 20, 25))
         if ex["mouth_open"] > 0.3:
-            _fill(img, [P.surf(np.vstack([np.column_stack([xs * 0.8, line * 1]),
+            _fill(img, [P.surf(np.vstack([np.column_stack([xs * 0.8, line]),
                                           np.column_stack([xs * 0.8, line + 1.6 * np.sqrt(q)])[::-1]]))],
                   (225, 220, 205))
     _fill(img, [P.surf(np.vstack([np.column_stack([xs, up_edge]), np.column_stack([xs, line])[::-1]]))],
@@ -377,7 +374,7 @@ def _draw_features(img, P, tr, ex, rng, skin) -> None:
 def _occlude(img, P, tr, rng, skin) -> None:
     kind = int(rng.integers(5))
     S = SIZE * _SS
-    e, mo = tr["eyes"], tr["mouth"]
+    e = tr["eyes"]
     if kind == 0:  # random patch
         x, y = rng.uniform(0, S, 2)
         w, h = rng.uniform(25, 75, 2)
@@ -413,10 +410,12 @@ def _occlude(img, P, tr, rng, skin) -> None:
         dome = np.column_stack([(h["a"] + 4) * np.cos(t), brim + (h["b"] + 12 + brim) * np.sin(t)])
         _fill(img, [P.sil(dome)], col)
         _line(img, P.sil(np.array([[-h["a"] - 6, brim], [h["a"] + 6, brim]])), _scale(col, 0.7), P.px(3.0))
-    del mo
 
 
-_GRID = None
+@functools.lru_cache(maxsize=1)
+def _light_grid() -> Tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    return (xx - 55.5) / 56, (yy - 55.5) / 56
 
 
 @functools.lru_cache(maxsize=1)
@@ -432,9 +431,9 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
     image. ``overrides`` pin per-image parameters: yaw, pitch, roll (degrees), scale,
     tx, ty (pixels), occlude (bool), smile, mouth_open, open (eyes), brow.
     """
-    global _GRID
     d = float(difficulty)
-    g = lambda sd, lim: min(lim * d, max(-lim * d, sd * d * float(rng.standard_normal())))
+    cap = min(d, 1.25)  # above 1 the spread keeps growing, the extremes (e.g. yaw 60) do not
+    g = lambda sd, lim: min(lim * cap, max(-lim * cap, sd * d * float(rng.standard_normal())))
     v = {"yaw": g(16, 48), "pitch": g(7, 18), "roll": g(5, 14), "scale": 1 + g(0.05, 0.1),
          "tx": g(1.8, 4), "ty": g(1.8, 4), "occlude": rng.random() < 0.12 * d,
          "smile": g(0.5, 1), "mouth_open": max(0.0, g(0.5, 1)) if rng.random() < 0.3 else 0.0,
@@ -474,7 +473,7 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
     ex = {"open": float(np.clip(v["open"], 0.05, 1.2)), "gaze": (g(0.7, 1.4), g(0.4, 0.8)),
           "smile": float(np.clip(v["smile"], -1, 1)), "mouth_open": float(np.clip(v["mouth_open"], 0, 1)),
           "brow": v["brow"], "shadow_side": 1 if rng.random() < 0.5 else -1}
-    _draw_features(img, P, tr, ex, rng, skin)
+    _draw_features(img, P, tr, ex, skin)
     if hair["style"] == 1:
         _fill(img, [_hair_cap(P, tr, hair, 0.5)], _mix(skin, hc, 0.55))
     elif hair["style"] != 0:
@@ -483,13 +482,11 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
         _occlude(img, P, tr, rng, skin)
     out = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
     # lighting: global gain, directional gradient, colour cast
-    if _GRID is None:
-        yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-        _GRID = ((xx - 55.5) / 56, (yy - 55.5) / 56)
     ang = rng.uniform(0, 2 * math.pi)
-    grad = 1 + abs(g(0.25, 0.5)) * (math.cos(ang) * _GRID[0] + math.sin(ang) * _GRID[1])
+    gx, gy = _light_grid()
+    grad = 1 + abs(g(0.25, 0.5)) * (math.cos(ang) * gx + math.sin(ang) * gy)
     cast = 1 + np.array([g(0.07, 0.15) for _ in range(3)], np.float32)
-    out *= (math.exp(g(0.22, 0.6)) * grad)[..., None] * cast
+    out *= (math.exp(g(0.2, 0.45)) * grad)[..., None] * cast
     sigma = abs(g(0.6, 1.3))
     if sigma > 0.3:
         out = cv2.GaussianBlur(out, (0, 0), sigma)
@@ -528,18 +525,24 @@ def pair_count(name: str, pairs: float) -> int:
     return max(20, int(VERIFICATION_PAIRS[name] * pairs / 20 + 0.5) * 20)
 
 
+def lookalike_keep(difficulty: float) -> float:
+    """Share of trait groups a look-alike negative keeps: 0.55 at difficulty 1, 0.25 at 0."""
+    return 0.25 + 0.3 * min(max(difficulty, 0.0), 1.0)
+
+
 @functools.lru_cache(maxsize=4096)
-def identity_traits(seed: int, identity: int, parent: int = -1) -> dict:
-    """The traits of global identity ``identity`` of data set ``seed`` (a look-alike of ``parent`` if >= 0)."""
+def identity_traits(seed: int, identity: int, parent: int = -1, keep: float = 0.55) -> dict:
+    """The traits of global identity ``identity`` of data set ``seed``; if ``parent`` >= 0, a
+    look-alike of identity ``parent`` keeping each trait group with probability ``keep``."""
     if parent >= 0:
-        return lookalike_traits(identity_traits(seed, parent), np.random.default_rng([seed, 4, identity]))
+        return lookalike_traits(identity_traits(seed, parent), np.random.default_rng([seed, 4, identity]), keep)
     return render_identity_traits(np.random.default_rng([seed, 0, identity]))
 
 
 def render_job(seed: int, difficulty: float, job: _Job) -> np.ndarray:
     """Render one image of a job list (see ``dataset_jobs``); a pure function of its arguments."""
     set_code, ident, parent, index, yaw, age = job
-    traits = identity_traits(seed, ident, parent)
+    traits = identity_traits(seed, ident, parent, lookalike_keep(difficulty))
     rng = np.random.default_rng([seed, 1, set_code, ident, index])
     if set_code == 0 and rng.random() < 0.3:  # some training photos show the person older
         age = float(rng.uniform(0.1, 0.8))
@@ -558,7 +561,7 @@ def _pair_yaws(pose: str, rng: np.random.Generator) -> Tuple[Any, Any]:
     return None, None
 
 
-def dataset_jobs(identities: int, images_per_id: int, pairs: float, seed: int
+def dataset_jobs(identities: int, images_per_id: int, pairs: float, seed: int, difficulty: float = 1.0
                  ) -> Tuple[List[_Job], Dict[str, Dict[str, Any]]]:
     """Every image of a data set in write order, and per verification set its pairs and identities.
 
@@ -566,7 +569,9 @@ def dataset_jobs(identities: int, images_per_id: int, pairs: float, seed: int
     held-out identities numbered from ``identities`` up, so no set shares an identity
     with train or with another set. Each set has 10 contiguous folds, each half
     same-identity pairs then half different-identity pairs; pair i = images 2i, 2i+1.
+    Age drift grows with ``difficulty`` (x0.4 at 0, x1 from 1 up).
     """
+    age_scale = 0.4 + 0.6 * min(max(difficulty, 0.0), 1.0)
     jobs: List[_Job] = [(0, i, -1, j, None, 0.0) for i in range(identities) for j in range(images_per_id)]
     sets: Dict[str, Dict[str, Any]] = {}
     next_id = identities
@@ -591,7 +596,7 @@ def dataset_jobs(identities: int, images_per_id: int, pairs: float, seed: int
                     else:
                         a, b = (int(v) for v in rng.choice(pool, 2, replace=False))
                     ya, yb = _pair_yaws(char["pose"], rng)
-                    age = float(rng.uniform(0.4, 1.0) * char["age"])
+                    age = float(rng.uniform(0.4, 1.0) * char["age"] * age_scale)
                     k = len(jobs) - start
                     jobs.append((code, a, parent[a], k, ya, 0.0))
                     jobs.append((code, b, parent[b], k + 1, yb, age))
@@ -631,7 +636,7 @@ def generate_dataset(out_dir: str, identities: int = 300, images_per_id: int = 2
         raise ValueError(f"generate_dataset: identities={identities} and images_per_id={images_per_id} must be >= 1")
     t0 = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
-    jobs, sets = dataset_jobs(identities, images_per_id, pairs, seed)
+    jobs, sets = dataset_jobs(identities, images_per_id, pairs, seed, difficulty)
     args = ((seed, float(difficulty), jpeg_quality, j) for j in jobs)
     pool = None
     if workers > 1:

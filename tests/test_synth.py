@@ -86,7 +86,7 @@ def test_heldout_identities_are_disjoint_from_train_and_each_other(pack):
         assert ids and not ids & seen, name
         seen |= ids
         for g in ids:
-            traits = synth.identity_traits(0, g, info["lookalike_of"].get(g, -1))
+            traits = synth.identity_traits(0, g, info["lookalike_of"].get(g, -1), synth.lookalike_keep(1.0))
             assert all(traits != t for t in train_traits), (name, g)
 
 

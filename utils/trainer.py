@@ -54,6 +54,8 @@ class Trainer:
                  log: Callable[[str], None] = print) -> None:
         self.cfg, self.device, self.output_dir = cfg, device, output_dir
         self.model, self.head, self.criterion = model.to(device), head.to(device), criterion.to(device)
+        if getattr(cfg, "channels_last", False):
+            self.model.to(memory_format=torch.channels_last)
         self.dataset, self.evaluator, self.save_backbone_fn, self.log = dataset, evaluator, save_backbone, log
         self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
@@ -119,7 +121,7 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         flips = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-        x = normalize(random_flip(images, flips))
+        x = normalize(random_flip(images, flips), channels_last=getattr(self.cfg, "channels_last", False))
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.cfg.amp else contextlib.nullcontext()
         with autocast:
             emb = self.model(x)
