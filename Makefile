@@ -17,14 +17,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 $(DATA)/property: | $(STAMP)
-	$(PY) prepare_data.py synth --out $(DATA) --identities 300 --images-per-id 20 --pairs 0.05
+	$(PY) prepare_data.py synth --out $(DATA) --identities 300 --images-per-id 20 --pairs 0.02 --difficulty 0.3
 
 # Generate the synthetic set (once), train MobileFaceNet + ArcFace on the CPU,
 # then evaluate the untrained and the trained weights side by side.
 demo: $(STAMP) $(DATA)/property
 	rm -rf $(RUN)
 	$(PY) train.py --preset demo --data $(DATA) --output $(RUN) --save-init
-	$(PY) evaluate.py $(RUN)/backbone_init.pt $(RUN)/backbone.pt --data $(DATA) --report $(RUN)
+	$(PY) evaluate.py $(RUN)/backbone_init.pt $(RUN)/backbone.pt --data $(DATA) --report $(RUN) --batch-size 64
 
 test: $(STAMP)
 	$(PY) -m pytest

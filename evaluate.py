@@ -29,6 +29,7 @@ from utils import checkpoint as ckpt
 from utils.atomic import write_atomic, write_json
 from utils.errors import fail, user_errors
 from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
+from utils.runtime import keep_freed_memory
 from utils.version import code_version
 
 PROTOCOL = ("10-fold verification (insightface protocol): embedding = L2-normalise(e(x) + e(flip x)) for tta=sum; "
@@ -142,6 +143,7 @@ def format_thresholds(row: Dict[str, Any], targets: List[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return run(args)
     except (ConfigError, *user_errors()) as exc:

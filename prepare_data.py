@@ -14,6 +14,7 @@ import time
 from typing import Callable, Dict, Sequence, Tuple
 
 from utils.errors import fail, user_errors
+from utils.runtime import keep_freed_memory
 
 Command = Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: Dict[str, Command] = {}
@@ -31,7 +32,9 @@ def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-id", type=int, default=20, help="training images per identity")
     p.add_argument("--pairs", type=float, default=0.05,
                    help="fraction of the real pair counts for each .bin (lfw 6000 x 0.05 = 300 pairs)")
-    p.add_argument("--difficulty", type=float, default=1.0, help="scale of the nuisance variation (pose, light...)")
+    p.add_argument("--difficulty", type=float, default=0.3,
+                   help="scale of the nuisance variation (pose, light, occlusion...) and of how alike the "
+                        "look-alike negatives are; 0.3 is learnable in minutes on a CPU, 1.0 is hard")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored images")
     p.add_argument("--workers", type=int, default=1, help="rendering processes")
@@ -45,11 +48,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     summary = generate_dataset(args.out, identities=args.identities, images_per_id=args.images_per_id,
                                pairs=args.pairs, seed=args.seed, difficulty=args.difficulty,
                                jpeg_quality=args.jpeg_quality, progress=not args.no_progress, workers=args.workers)
-    sets = summary.get("pairs", {})
-    sets_txt = ", ".join(f"{k} {v}" for k, v in sets.items()) if isinstance(sets, dict) else ""
-    print(f"synth: {args.out}: {summary.get('train_images', '?')} training images of "
-          f"{summary.get('identities', args.identities)} identities; pairs: {sets_txt} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    sets_txt = ", ".join(f"{k} {v['pairs']}" for k, v in summary["sets"].items())
+    print(f"synth: {args.out}: {summary['train_images']} training images of {summary['train_classes']} "
+          f"identities; verification pairs: {sets_txt} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -70,6 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return COMMANDS[args.command][2](args)
     except user_errors() as exc:

@@ -12,7 +12,6 @@ The run directory receives config.json, checkpoint.pt (resume), backbone.pt
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from typing import Any, Dict, List, Sequence
@@ -29,6 +28,7 @@ from data.dataset import build_dataset
 from utils import checkpoint as ckpt
 from utils.errors import fail, user_errors
 from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
+from utils.runtime import keep_freed_memory
 from utils.trainer import Trainer
 
 
@@ -68,14 +68,20 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
         params["s"] = cfg.scale
     if cfg.margin is not None:
         params["m"] = cfg.margin
-    return heads.build(cfg.head, cfg.embedding_size, num_classes, **params)
+    try:
+        return heads.build(cfg.head, cfg.embedding_size, num_classes, **params)
+    except TypeError as exc:  # a parameter this head does not take, e.g. --margin for softmax
+        raise ConfigError(f"--head {cfg.head}: {exc}") from None
 
 
 def build_loss(cfg: Config) -> nn.Module:
     """Pass the loss only the config values its builder accepts (gamma, label_smoothing)."""
     offered = {"gamma": cfg.focal_gamma, "label_smoothing": cfg.label_smoothing}
-    accepted = inspect.signature(losses.LOSSES.get(cfg.loss)).parameters
-    return losses.build(cfg.loss, **{k: v for k, v in offered.items() if k in accepted})
+    accepted = losses.params(cfg.loss)
+    try:
+        return losses.build(cfg.loss, **{k: v for k, v in offered.items() if k in accepted})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--loss {cfg.loss}: {exc}") from None
 
 
 def build_backbone(cfg: Config) -> nn.Module:
@@ -120,6 +126,7 @@ def list_parts() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     parser = get_args_parser()
     cfg, rest = parse_config(parser, argv)
     if rest.list_backbones:

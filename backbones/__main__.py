@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import Sequence
 
 from .profile import profile_table
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help="backbone names (default: all registered)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = profile_table(args.names or None)
     print(f"{'name':<22} {'params(M)':>9} {'GFLOPs':>7} {'GMACs':>7}  {'compatible layout':<40} trained on")
     for name, p, layout, order in rows:
@@ -18,6 +19,7 @@ def main() -> None:
     print("Per 112x112 image, 1e9. GMACs: conv+linear multiply-accumulates. GFLOPs: the published (ptflops)\n"
           "convention = GMACs + bias, BN (2/elem), PReLU/ReLU and pooling element ops. Our default build is RGB;\n"
           "'trained on' is the channel order of the published checkpoints (build with channel_order='bgr' for BGR).")
+    return 0
 
 
 if __name__ == "__main__":

@@ -124,3 +124,15 @@ def test_train_truncated_pack_is_one_line(capsys, tiny_pack, tmp_path):
     rec.write_bytes(rec.read_bytes()[: rec.stat().st_size * 2 // 3])
     _one_line_error(capsys, train.main, ["--data", str(pack), "--output", str(tmp_path / "r")],
                     "train.py: error:", "train.rec record", "past the end")
+
+
+@pytest.mark.parametrize("backbone", ["ir_se50", "efficientnet_b0"])
+def test_other_backbones_train_and_evaluate(backbone, tiny_pack, tmp_path, capsys):
+    out = str(tmp_path / backbone)
+    assert train.main(["--data", tiny_pack, "--output", out, "--backbone", backbone, "--batch-size", "4",
+                       "--max-steps", "2", "--num-workers", "0", "--no-progress", "--eval-every", "-1",
+                       "--log-every", "1"]) == 0
+    hist = json.load(open(os.path.join(out, "history.json")))
+    assert len(hist["loss"]) == 2 and all(np.isfinite(hist["loss"]))
+    assert evaluate.main([out, "--data", tiny_pack, "--targets", "lfw", "--no-progress", "--batch-size", "20"]) == 0
+    assert backbone in json.load(open(os.path.join(out, "eval.json")))["checkpoints"][0]["backbone"]

@@ -143,7 +143,7 @@ class Trainer:
         return float(loss.detach())
 
     def evaluate(self) -> Dict[str, Any] | None:
-        if self.evaluator is None:
+        if self.evaluator is None or self.cfg.eval_every < 0:
             return None
         report = self.evaluator(self.model)
         report["step"] = self.step
@@ -163,6 +163,36 @@ class Trainer:
                 self.save_backbone_fn(self.model, os.path.join(self.output_dir, "best.pt"))
         return report
 
+    def _check_bad(self, bad: List[Any]) -> None:
+        """Stop on an unreadable record; count and report undecodable images."""
+        unreadable = [b for b in bad if isinstance(b, str)]
+        if unreadable:  # a damaged data file: stop with its one-line message
+            raise DataSourceError(unreadable[0])
+        if bad:
+            self.skipped += len(bad)
+            names = ", ".join(self.dataset.describe(i) for i in bad[:3])
+            self.log(f"warning: skipped undecodable image(s) {names} ({self.skipped} skipped so far)")
+
+    def _log_window(self, losses: List[float], seconds: float, epoch: int, bar: tqdm) -> None:
+        """Record the mean loss, lr and throughput of the last `log_every` steps."""
+        mean_loss = sum(losses) / len(losses)
+        ips = len(losses) * self.cfg.batch_size / max(seconds, 1e-9)
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}", epoch=epoch)
+        if not self.cfg.progress:  # logs and pipes get plain lines instead of a bar
+            self.log(f"step {self.step}/{self.total_steps} epoch {epoch} loss {mean_loss:.4f} lr {lr:.5g} "
+                     f"{ips:.1f} img/s")
+        for k, v in (("step", self.step), ("loss", mean_loss), ("lr", lr)):
+            self.history[k].append(v)
+        for k, v in (("loss", mean_loss), ("lr", lr), ("img_per_s", ips)):
+            self._tb.add_scalar(f"train/{k}", v, self.step)
+
+    def _due(self, every: int) -> bool:
+        """every > 0: each `every` steps; 0: at the end of each epoch; < 0: never."""
+        if every > 0:
+            return self.step % every == 0
+        return every == 0 and self.step % self.steps_per_epoch == 0
+
     def fit(self, config: Dict[str, Any], stop_at: int | None = None) -> None:
         """Train to `total_steps`, evaluating and checkpointing on the way.
 
@@ -170,64 +200,39 @@ class Trainer:
         an interruption does); resuming from it continues on the same schedule.
         """
         cfg = self.cfg
+        end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         os.makedirs(self.output_dir, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter  # local: heavy import
 
         self._tb = SummaryWriter(os.path.join(self.output_dir, "tb"))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
-        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
+        window: List[float] = []
+        t0 = time.perf_counter()
         last_eval = last_save = -1
         try:
-            while self.step < self.total_steps:
+            while self.step < end:
                 epoch, start = divmod(self.step, self.steps_per_epoch)
                 self.sampler.set_epoch(epoch, start)
                 for images, labels, bad in self._loader():
-                    unreadable = [b for b in bad if isinstance(b, str)]
-                    if unreadable:  # a damaged data file: stop with its one-line message
-                        raise DataSourceError(unreadable[0])
-                    if bad:
-                        self.skipped += len(bad)
-                        names = ", ".join(self.dataset.describe(i) for i in bad[:3])
-                        self.log(f"warning: skipped undecodable image(s) {names} ({self.skipped} skipped so far)")
+                    self._check_bad(bad)
                     if len(labels) == 0:
                         continue
-                    loss = self.train_step(images, labels)
+                    window.append(self.train_step(images, labels))
                     self.step += 1
-                    window_loss += loss
-                    window_n += 1
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        dt = time.perf_counter() - t0
-                        ips = window_n * cfg.batch_size / max(dt, 1e-9)
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        mean_loss = window_loss / window_n
-                        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}", epoch=epoch)
-                        if not cfg.progress:  # logs and pipes get plain lines instead of a bar
-                            self.log(f"step {self.step}/{self.total_steps} epoch {epoch} loss {mean_loss:.4f} "
-                                     f"lr {lr:.5g} {ips:.1f} img/s")
-                        for k, v in (("step", self.step), ("loss", mean_loss), ("lr", lr)):
-                            self.history[k].append(v)
-                        self._tb.add_scalar("train/loss", mean_loss, self.step)
-                        self._tb.add_scalar("train/lr", lr, self.step)
-                        self._tb.add_scalar("train/img_per_s", ips, self.step)
-                        window_loss, window_n, t0 = 0.0, 0, time.perf_counter()
-                    end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if (cfg.eval_every and self.step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
+                        self._log_window(window, time.perf_counter() - t0, epoch, bar)
+                        window, t0 = [], time.perf_counter()
+                    if self._due(cfg.eval_every):
                         self._log_eval(self.evaluate())
                         last_eval = self.step
-                    if (cfg.save_every and self.step % cfg.save_every == 0) or (not cfg.save_every and end_of_epoch):
+                    if self._due(cfg.save_every):
                         self.save(config)
                         last_save = self.step
-                    if self.step >= self.total_steps or (stop_at is not None and self.step >= stop_at):
+                    if self.step >= end:
                         break
-                if stop_at is not None and self.step >= stop_at:
-                    break
-            if stop_at is not None and self.step < self.total_steps:
-                if last_save != self.step:
-                    self.save(config)
-                return
-            if last_eval != self.step:
+            if self.step >= self.total_steps and last_eval != self.step:
                 self._log_eval(self.evaluate())
             if last_save != self.step:
                 self.save(config)
