@@ -87,7 +87,7 @@ def test_save_and_reload_round_trip(tmp_path):
     save_config(cfg, str(path))
     again = from_dict(json.loads(path.read_text()))
     assert again == cfg
-    assert to_dict(again)["milestones"] == [12.0, 15.0, 18.0]
+    assert to_dict(again)["milestones"] == [4.0, 6.0, 7.0]
 
 
 def test_optional_fields_accept_none():
