@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 $(DATA)/property: | $(STAMP)
-	$(PY) prepare_data.py synth --out $(DATA) --identities 300 --images-per-id 20 --pairs 0.02 --difficulty 0.3
+	$(PY) prepare_data.py synth --out $(DATA) --identities 400 --images-per-id 15 --pairs 0.02 --difficulty 0.3
 
 # Generate the synthetic set (once), train MobileFaceNet + ArcFace on the CPU,
 # then evaluate the untrained and the trained weights side by side.
