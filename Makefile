@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_backbones.py
 
 clean:
 	rm -rf $(RUN) $(DATA) .pytest_cache
