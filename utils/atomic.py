@@ -43,3 +43,13 @@ def write_json(path: str, data: Any) -> None:
             fh.write("\n")
 
     write_atomic(path, _write)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` (UTF-8), atomically."""
+
+    def _write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    write_atomic(path, _write)
