@@ -6,33 +6,17 @@ real evaluation path (load_targets -> embed -> 10-fold protocol) scores it.
 
 import pytest
 import torch
-import torch.nn as nn
 
 import heads
 import losses
 from config import build_config
 from data.dataset import build_dataset
+from tests.small_nets import SmallNet
 from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
 from utils.trainer import Trainer
 
 HEADS = ["arcface", "cosface", "sphereface", "combined", "softmax", "norm_softmax", "curricularface", "adaface",
          "magface", "subcenter_arcface", "elasticface_arc", "elasticface_cos"]
-
-
-class SmallNet(nn.Module):
-    """~60k parameters; keeps the spatial layout (flatten, like the real face heads)."""
-
-    def __init__(self, emb: int = 64) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 5, stride=4, padding=2), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten())
-        self.fc = nn.Linear(32 * 7 * 7, emb)
-        self.bn = nn.BatchNorm1d(emb)
-
-    def forward(self, x):
-        return self.bn(self.fc(self.features(x)))
 
 
 @pytest.fixture(scope="module")

@@ -3,30 +3,14 @@
 import os
 
 import torch
-import torch.nn as nn
 
 import heads
 import losses
 from config import build_config
 from data.dataset import build_dataset
+from tests.small_nets import SmallNet
 from utils.checkpoint import load_training_checkpoint
 from utils.trainer import Trainer, param_groups
-
-
-class TinyNet(nn.Module):
-    """A few-thousand-parameter stand-in backbone: the loop, not the model, is under test."""
-
-    def __init__(self, emb: int = 32) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 5, stride=4, padding=2), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(16, emb)
-        self.bn = nn.BatchNorm1d(emb)
-
-    def forward(self, x):
-        return self.bn(self.fc(self.features(x)))
 
 
 def _trainer(pack, out, **over):
@@ -35,7 +19,7 @@ def _trainer(pack, out, **over):
     torch.manual_seed(0)
     ds = build_dataset(pack)
     head = heads.build("cosface", 32, ds.num_classes, s=16.0, m=0.2)
-    return Trainer(cfg, TinyNet(), head, losses.build("cross_entropy"), ds, torch.device("cpu"), str(out),
+    return Trainer(cfg, SmallNet(32), head, losses.build("cross_entropy"), ds, torch.device("cpu"), str(out),
                    log=lambda m: None), cfg
 
 
@@ -75,7 +59,7 @@ def test_checkpoint_holds_everything_to_resume(tiny_pack, tmp_path):
 
 
 def test_no_weight_decay_on_bn_and_bias():
-    net = TinyNet()
+    net = SmallNet(32)
     decay, no_decay = param_groups([net], 5e-4)
     assert {p.ndim for p in decay["params"]} == {2, 4}
     assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
