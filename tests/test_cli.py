@@ -138,3 +138,16 @@ def test_other_backbones_train_and_evaluate(backbone, tiny_pack, tmp_path, capsy
     assert len(hist["loss"]) == 2 and all(np.isfinite(hist["loss"]))
     assert evaluate.main([out, "--data", tiny_pack, "--targets", "lfw", "--no-progress", "--batch-size", "20"]) == 0
     assert backbone in json.load(open(os.path.join(out, "eval.json")))["checkpoints"][0]["backbone"]
+
+
+def test_folder_of_three_checkpoints_gives_three_rows(run_dir, tiny_pack, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for i in (1, 2, 10):
+        shutil.copy(os.path.join(run_dir, "backbone.pt"), folder / f"epoch_{i}.pt")
+    assert evaluate.main([str(folder), "--data", tiny_pack, "--targets", "lfw", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "epoch_" in line]
+    assert [r.split(" | ")[0].rsplit("/", 1)[-1] for r in rows] == ["epoch_1.pt", "epoch_2.pt", "epoch_10.pt"]
