@@ -91,6 +91,8 @@ def build_backbone(cfg: Config) -> nn.Module:
 
 def make_evaluator(cfg: Config, device: torch.device, log) -> Any:
     """A closure that verifies the backbone on the targets (decoded once), or None if there are none."""
+    if cfg.eval_every < 0:  # verification switched off: do not decode the .bin files at all
+        return None
     names: List[str] = [t for t in cfg.targets.split(",") if t] or None
     targets = load_targets(eval_dir_of(cfg), names, progress=cfg.progress)
     for missing in targets.missing:
