@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import backbones
+from backbones.checkpoint import mismatch_report
 from config import ConfigError
 from utils import checkpoint as ckpt
 from utils.atomic import write_atomic, write_json, write_text
@@ -112,13 +113,16 @@ def load_model(path: str, args: argparse.Namespace) -> LoadedModel:
     name = args.backbone or name
     order = args.input_order or order
     model = backbones.build(name, embedding_size=emb, channel_order=order)
-    if state is None:
-        backbones.load_weights(model, path)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ConfigError(f"{path}: weights do not fit backbone {name!r} ({len(missing)} missing keys, "
-                              f"e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]})")
+    try:
+        if state is None:
+            backbones.load_weights(model, path)
+        else:
+            problems = mismatch_report(model.state_dict(), state)
+            if problems:
+                raise ValueError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
+            model.load_state_dict(state)
+    except ValueError as exc:  # the short mismatch report, as one line
+        raise ckpt.CheckpointError(str(exc)) from None
     return LoadedModel(os.path.relpath(path), path, model, name, order)
 
 

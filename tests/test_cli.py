@@ -151,3 +151,16 @@ def test_folder_of_three_checkpoints_gives_three_rows(run_dir, tiny_pack, tmp_pa
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "epoch_" in line]
     assert [r.split(" | ")[0].rsplit("/", 1)[-1] for r in rows] == ["epoch_1.pt", "epoch_2.pt", "epoch_10.pt"]
+
+
+def test_evaluate_wrong_shape_weights_is_one_line(capsys, tiny_pack, tmp_path):
+    import torch
+
+    import backbones
+
+    sd = backbones.build("mobilefacenet").state_dict()
+    sd["linear.weight"] = torch.zeros(256, 512)
+    torch.save({"net_state_dict": sd}, tmp_path / "bad.pth")
+    _one_line_error(capsys, evaluate.main, [str(tmp_path / "bad.pth"), "--backbone", "mobilefacenet",
+                                            "--data", tiny_pack, "--no-progress"],
+                    "evaluate.py: error:", "bad.pth", "wrong shape", "linear.weight")

@@ -7,7 +7,7 @@ resumed run continues on the same curve.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 from utils.registry import Registry
 
@@ -15,17 +15,22 @@ SCHEDULES = Registry("lr schedule")
 
 
 @SCHEDULES.register("constant")
-def _constant(progress: float, **_: float) -> float:
+def _constant(progress: float, **_: Any) -> float:
     return 1.0
 
 
 @SCHEDULES.register("cosine")
-def _cosine(progress: float, **_: float) -> float:
+def _cosine(progress: float, **_: Any) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@SCHEDULES.register("step")
+def _step(progress: float, step: int = 0, milestones: Sequence[int] = (), gamma: float = 0.1, **_: Any) -> float:
+    return gamma ** sum(step >= m for m in milestones)
+
+
 @SCHEDULES.register("poly")
-def _poly(progress: float, power: float = 2.0, **_: float) -> float:
+def _poly(progress: float, power: float = 2.0, **_: Any) -> float:
     return (1.0 - progress) ** power
 
 
@@ -45,11 +50,9 @@ def lr_factor(
     """
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if kind == "step":
-        return gamma ** sum(step >= m for m in milestones)
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, max(0.0, (step - warmup_steps) / span))
-    return SCHEDULES.get(kind)(progress, power=power)
+    return SCHEDULES.get(kind)(progress, step=step, milestones=milestones, gamma=gamma, power=power)
 
 
 def make_lr_lambda(**kwargs: float) -> Callable[[int], float]:

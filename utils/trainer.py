@@ -63,8 +63,6 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
         self.optimizer = torch.optim.SGD(param_groups([self.model, self.head], cfg.weight_decay),
                                          lr=cfg.lr, momentum=cfg.momentum)
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_lr_lambda(
             total_steps=self.total_steps, warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
             kind=cfg.scheduler, milestones=[int(round(m * self.steps_per_epoch)) for m in cfg.milestones],
