@@ -95,10 +95,12 @@ def test_evaluate_foreign_weights_need_backbone(capsys, tiny_pack, tmp_path):
                     "--backbone")
 
 
-def test_prepare_data_help_has_example(capsys):
+@pytest.mark.parametrize("command", sorted(prepare_data._commands()))
+def test_prepare_data_help_has_example(capsys, command):
     with pytest.raises(SystemExit):
-        prepare_data.main(["synth", "--help"])
-    assert "example:" in capsys.readouterr().out
+        prepare_data.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "example:" in out and f"prepare_data.py {command.replace('_', '-')}" in out
 
 
 def test_train_damaged_record_is_one_line(capsys, tiny_pack, tmp_path):
