@@ -12,6 +12,20 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def pytest_configure(config):
+    """Decoded-.bin cache in a throwaway folder: tests never touch ~/.cache."""
+    import tempfile
+
+    config._facetrain_cache = tempfile.mkdtemp(prefix="facetrain-cache-")
+    os.environ["FACETRAIN_CACHE"] = config._facetrain_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(getattr(config, "_facetrain_cache", ""), ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)

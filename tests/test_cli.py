@@ -52,7 +52,10 @@ def test_evaluate_run_dir_table_and_report(run_dir, tiny_pack, capsys, tmp_path)
     assert report["missing_targets"] == ["nosuch"] and len(report["checkpoints"]) == 2
     lfw = report["checkpoints"][0]["results"]["lfw"]
     assert len(lfw["fold_accuracies"]) == 10 and 0.0 <= lfw["accuracy"] <= 1.0
-    assert (tmp_path / "eval.md").read_text().count("| ") >= 3
+    assert lfw["xnorm"] > 0 and set(lfw["tar_at_far"]) == {"0.0001", "0.001", "0.01"}
+    assert "XNorm" in out and "TAR@FAR=1e-4" in out
+    md = (tmp_path / "eval.md").read_text()
+    assert md.count("| ") >= 3 and "How to read" in md and "population std" in md
     assert (tmp_path / "roc_backbone.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     emb = np.load(tmp_path / "emb" / "backbone" / "lfw.npy")
     assert emb.shape == (40, 512)

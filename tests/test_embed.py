@@ -51,3 +51,11 @@ def test_nchw_input_and_unknown_mode(net_and_images):
     np.testing.assert_allclose(nhwc, nchw, atol=1e-6)
     with pytest.raises(KeyError, match="did you mean 'sum'"):
         embed(net, images, tta="summ")
+
+
+def test_return_norms_are_raw_unflipped_norms(net_and_images):
+    """XNorm's per-image value: the L2 norm of e(x) before any flip or normalisation."""
+    net, images = net_and_images
+    a, _ = _direct(net, images)
+    _, norms = embed(net, images, batch_size=2, tta="sum", return_norms=True)
+    np.testing.assert_allclose(norms, np.linalg.norm(a, axis=1), rtol=1e-5)

@@ -7,7 +7,7 @@ and ONNX parity checks all call `embed`, so a fix or speed-up lands everywhere.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -21,22 +21,17 @@ from utils.registry import Registry
 TTA_MODES = Registry("tta mode")
 
 
-@TTA_MODES.register("sum")
-def _tta_sum(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """normalise(e(x) + e(flip x)): the insightface protocol."""
-    return F.normalize(model(x).double() + model(x.flip(3)).double(), dim=1)
+class TTAMode(NamedTuple):
+    """How the views of an image become one embedding: ``combine(e(x), e(flip x) or None)``."""
+
+    flip: bool  # whether the flipped view is computed at all
+    combine: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-@TTA_MODES.register("concat")
-def _tta_concat(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """normalise([e(x), e(flip x)]): Face_Pytorch style, twice the dimension."""
-    return F.normalize(torch.cat([model(x).double(), model(x.flip(3)).double()], dim=1), dim=1)
-
-
-@TTA_MODES.register("none")
-def _tta_none(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """normalise(e(x)): no flip."""
-    return F.normalize(model(x).double(), dim=1)
+# sum: the insightface protocol; concat: Face_Pytorch (twice the dimension); none: no flip
+TTA_MODES.register("sum")(TTAMode(True, lambda e, ef: F.normalize(e + ef, dim=1)))
+TTA_MODES.register("concat")(TTAMode(True, lambda e, ef: F.normalize(torch.cat([e, ef], dim=1), dim=1)))
+TTA_MODES.register("none")(TTAMode(False, lambda e, ef: F.normalize(e, dim=1)))
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -60,7 +55,8 @@ def embed(
     amp: bool = False,
     progress: bool = False,
     desc: str = "embed",
-) -> np.ndarray:
+    return_norms: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """L2-normalised float64 embeddings of uint8 RGB images (N,H,W,3) or (N,3,H,W).
 
     The flip views are added and normalised in float64, as the published
@@ -72,8 +68,15 @@ def embed(
     before the call to use it). With
     `amp` the backbone runs in bf16 (CPU) or fp16 (CUDA); the sums and the
     normalisation are float32.
+
+    TTA modes (``tta``): ``sum`` normalise(e(x) + e(flip x)), the published protocol;
+    ``concat`` normalise([e(x), e(flip x)]) (Face_Pytorch, twice the dimension);
+    ``none`` normalise(e(x)). The views are combined in float64.
+
+    With ``return_norms`` also returns the L2 norm of each raw, un-flipped e(x)
+    (float64, shape (N,)): the per-image "XNorm" insightface reports.
     """
-    fn = TTA_MODES.get(tta)
+    mode: TTAMode = TTA_MODES.get(tta)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -82,6 +85,7 @@ def embed(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
     n = len(images)
     out: list[np.ndarray] = []
+    norms: list[np.ndarray] = []
     try:
         with torch.inference_mode(), autocast:
             bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
@@ -89,11 +93,15 @@ def embed(
                 chunk = images[sl]
                 t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
                 x = normalize(t.to(device, non_blocking=True), channels_last=channels_last)
-                out.append(fn(model, x).cpu().numpy())
+                e = model(x).double()
+                ef = model(x.flip(3)).double() if mode.flip else None
+                out.append(mode.combine(e, ef).cpu().numpy())
+                norms.append(torch.linalg.vector_norm(e, dim=1).cpu().numpy())
                 bar.update(len(t))
             bar.close()
     finally:
         model.train(was_training)
-    if not out:
-        return np.zeros((0, 0), np.float64)
-    return np.concatenate(out, axis=0)
+    emb = np.concatenate(out, axis=0) if out else np.zeros((0, 0), np.float64)
+    if return_norms:
+        return emb, (np.concatenate(norms) if norms else np.zeros(0, np.float64))
+    return emb

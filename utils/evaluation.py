@@ -28,6 +28,7 @@ class Target:
     path: str
     images: np.ndarray
     issame: np.ndarray
+    sha256: str = ""  # of the .bin file
 
 
 @dataclass
@@ -56,9 +57,14 @@ def find_targets(data_dir: str, names: Sequence[str] | None = None) -> tuple[Dic
 
 
 def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(112, 112),
-                 progress: bool = False) -> TargetSet:
-    """Decode the requested targets once per process (cached by path, size and mtime)."""
-    from data.bins import decode_bin  # local: data/ is only needed when targets are loaded
+                 progress: bool = False, cache_dir: str | None = "default") -> TargetSet:
+    """Decode the requested targets once per process, and once per file content on disk.
+
+    In a process a set is kept by path, size and mtime; across processes the decoded
+    pixels are cached by the file's sha256 (data/bincache.py; ``cache_dir`` None
+    switches that off, "default" uses $FACETRAIN_CACHE or ~/.cache/facetrain).
+    """
+    from data.bincache import load_decoded  # local: data/ is only needed when targets are loaded
 
     found, missing = find_targets(data_dir, names)
     out = TargetSet(missing=missing)
@@ -66,8 +72,8 @@ def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(
         st = os.stat(path)
         key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(image_size))
         if key not in _DECODED:
-            images, issame = decode_bin(path, image_size=image_size, progress=progress)
-            _DECODED[key] = Target(name, path, images, np.asarray(issame, dtype=bool))
+            d = load_decoded(path, image_size=tuple(image_size), cache_dir=cache_dir, progress=progress)
+            _DECODED[key] = Target(name, path, d.images, d.issame, d.sha256)
         out.targets.append(_DECODED[key])
     return out
 
@@ -75,14 +81,15 @@ def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(
 def evaluate_targets(model: nn.Module, targets: Sequence[Target], batch_size: int = 256, device: str = "cpu",
                      tta: str = "sum", amp: bool = False, progress: bool = False,
                      embeddings_out: Dict[str, np.ndarray] | None = None) -> Dict[str, VerificationResult]:
-    """10-fold verification of `model` on each target; optionally keep the embeddings."""
+    """10-fold verification of `model` on each target (with its XNorm); optionally keep the embeddings."""
     results: Dict[str, VerificationResult] = {}
     for t in targets:
-        emb = embed(model, t.images, batch_size=batch_size, device=device, tta=tta, amp=amp,
-                    progress=progress, desc=t.name)
+        emb, norms = embed(model, t.images, batch_size=batch_size, device=device, tta=tta, amp=amp,
+                           progress=progress, desc=t.name, return_norms=True)
         if embeddings_out is not None:
             embeddings_out[t.name] = emb
         results[t.name] = evaluate_embeddings(emb, t.issame)
+        results[t.name].xnorm = float(np.mean(norms))
     return results
 
 

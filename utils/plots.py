@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping
 
+import numpy as np
+
 from utils.atomic import write_atomic
 
 
@@ -48,20 +50,33 @@ def plot_roc(curves: Dict[str, Dict[str, Any]], path: str, title: str = "ROC") -
     """One ROC curve per target: TAR against FAR on a log axis.
 
     `curves` maps target name -> {"fpr": [...], "tpr": [...], "accuracy": fraction}.
+    The axes zoom onto where the curves differ: good models all sit near TAR = 1,
+    so the TAR axis starts a little below the lowest TAR at the smallest FAR the
+    sets can resolve (one false accept), and the FAR axis at half that FAR.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    smallest_far, lowest_tar = 1e-3, 1.0
     for name, c in curves.items():
-        fpr = [max(f, 1e-6) for f in c["fpr"]]
-        label = f"{name} ({100 * c['accuracy']:.2f}%)" if "accuracy" in c else name
-        ax.plot(fpr, c["tpr"], label=label)
+        fpr, tpr = np.asarray(c["fpr"], dtype=float), np.asarray(c["tpr"], dtype=float)
+        if fpr.size == 0:
+            continue
+        positive = fpr[fpr > 0]
+        if positive.size:
+            far0 = positive.min()
+            smallest_far = min(smallest_far, far0)
+            lowest_tar = min(lowest_tar, float(tpr[fpr <= far0].max()))
+        label = f"{name} ({100 * c['accuracy']:.2f}%)" if c.get("accuracy") is not None else name
+        ax.plot(np.maximum(fpr, 1e-9), tpr, label=label, drawstyle="steps-post")
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1.0)
-    ax.set_ylim(0.0, 1.01)
+    ax.set_xlim(max(smallest_far / 2, 1e-6), 1.0)
+    ax.set_ylim(max(0.0, np.floor((lowest_tar - 0.02) * 20) / 20), 1.002)
+    for far in (1e-4, 1e-3, 1e-2):
+        ax.axvline(far, color="grey", linewidth=0.6, linestyle=":")
     ax.set_xlabel("false accept rate (FAR, log scale)")
     ax.set_ylabel("true accept rate (TAR)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8, title="set (10-fold accuracy)", title_fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -150,9 +150,10 @@ class Trainer:
                                      "accuracy": {k: v["accuracy"] for k, v in report.get("results", {}).items()}})
         if self._tb is not None:
             for name, res in report.get("results", {}).items():
-                for metric in ("accuracy", "best_threshold", "val", "auc"):
-                    if isinstance(res.get(metric), (int, float)):
-                        self._tb.add_scalar(f"{name}/{metric}", res[metric], self.step)
+                scalars = {k: v for k, v in res.items() if isinstance(v, (int, float)) and k != "num_pairs"}
+                scalars.update({f"tar@far={k}": v for k, v in res.get("tar_at_far", {}).items() if v is not None})
+                for metric, value in scalars.items():
+                    self._tb.add_scalar(f"{name}/{metric}", value, self.step)
             self._tb.add_scalar("eval/mean_accuracy", acc, self.step)
         write_json(os.path.join(self.output_dir, "eval.json"), report)
         if acc == acc and acc > self.best:  # not NaN, improved
@@ -241,6 +242,9 @@ class Trainer:
     def _log_eval(self, report: Dict[str, Any] | None) -> None:
         if not report:
             return
-        parts = [f"{k} {100 * v['accuracy']:.2f}" for k, v in report.get("results", {}).items()]
+        results = report.get("results", {})
+        parts = [f"{k} {100 * v['accuracy']:.2f}" for k, v in results.items()]
+        norms = [v["xnorm"] for v in results.values() if v.get("xnorm") is not None]
+        xnorm = f", XNorm {sum(norms) / len(norms):.3g}" if norms else ""
         self.log(f"step {self.step}: verification " + ", ".join(parts)
-                 + f" | mean {100 * report['mean_accuracy']:.2f}%")
+                 + f" | mean {100 * report['mean_accuracy']:.2f}%{xnorm}")

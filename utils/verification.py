@@ -44,6 +44,9 @@ class VerificationResult:
     auc, eer: area under, and equal error rate of, the all-pairs ROC (similarity = -distance);
         the EER is linearly interpolated where FPR = 1 - TPR.
     fpr, tpr: the all-pairs ROC, one point per distinct distance, starting at (0, 0).
+    xnorm: mean L2 norm of the raw (un-normalised, un-flipped) embeddings, insightface's
+        "XNorm"; set by the caller that still has them (NaN when unknown). A collapsing or
+        exploding norm is an early sign of a broken run.
     Without both same and different pairs the all-pairs metrics are NaN and the ROC is empty.
     """
 
@@ -62,6 +65,7 @@ class VerificationResult:
     num_pairs: int
     fpr: np.ndarray
     tpr: np.ndarray
+    xnorm: float = float("nan")
 
     def to_dict(self, include_roc: bool = True) -> dict:
         """JSON-ready copy: arrays become lists, NaN becomes None, ``tar_at_far`` keys become
@@ -80,6 +84,7 @@ class VerificationResult:
             "auc": _num(self.auc),
             "eer": _num(self.eer),
             "num_pairs": int(self.num_pairs),
+            "xnorm": _num(self.xnorm),
         }
         if include_roc:
             out["fpr"] = [float(x) for x in self.fpr]
