@@ -1,0 +1,37 @@
+"""``prepare_data.py make-bin``: a verification .bin from an images folder and a pairs file."""
+
+from __future__ import annotations
+
+import argparse
+
+from prepare import register_command
+
+KINDS = ("bytes", "py2str", "ndarray")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", metavar="IMAGES", help="the images folder the pairs file's paths are relative to")
+    p.add_argument("pairs", metavar="PAIRS",
+                   help="pairs file: ours ('<a> <b> <1|0>' per line) or LFW's pairs.txt (detected)")
+    p.add_argument("out", metavar="OUT.bin", help="the .bin to write")
+    p.add_argument("--kind", choices=KINDS, default="bytes",
+                   help="how images are pickled: Python 3 bytes (default), Python 2 str like the original "
+                        "insightface files, or 1-D numpy uint8 arrays")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from data.pairs import make_bin
+
+    s = make_bin(args.images, args.pairs, args.out, kind=args.kind, progress=not args.no_progress)
+    converted = f", {s['converted']} converted to PNG" if s["converted"] else ""
+    print(f"make-bin: {args.out}: {s['pairs']} pairs ({s['same']} same), {s['images']} images "
+          f"({s['unique_images']} files{converted}), {s['bytes'] / 1e6:.1f} MB ({args.kind}), {s['seconds']:.1f} s")
+    return 0
+
+
+register_command(
+    "make-bin",
+    "Make a verification .bin from an images folder and a pairs file (ours or LFW's pairs.txt).",
+    "python prepare_data.py make-bin lfw-deepfunneled-aligned lfw/pairs.txt datasets/mine/lfw.bin",
+    add_args, run)
