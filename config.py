@@ -56,7 +56,11 @@ class Config:
     # --- optimisation -----------------------------------------------------
     epochs: int = field(default=20, metadata={"help": "training epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
-    batch_size: int = field(default=128, metadata={"help": "images per step (per process)"})
+    batch_size: int = field(default=128, metadata={"help": (
+        "images per micro-step PER PROCESS; the global batch is batch_size x processes x grad_accum")})
+    grad_accum: int = field(default=1, metadata={"help": (
+        "micro-steps accumulated per optimizer step (loss divided by K; lr schedule and step counts are in "
+        "optimizer steps; DDP syncs gradients on the last micro-step only)")})
     lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (not applied to BN and biases)"})
@@ -71,8 +75,22 @@ class Config:
     amp: bool = field(default=False, metadata={"help": "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU"})
     channels_last: bool = field(default=True, metadata={
         "help": "channels_last memory format for the backbone (faster convolutions on CPU and GPU)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the backbone (minutes of warm-up)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={"help": (
+        "auto, cpu, cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK")})
+
+    # --- scale ------------------------------------------------------------
+    partial_fc: bool = field(default=False, metadata={"help": (
+        "Partial FC: class centres sharded across processes, softmax computed across shards "
+        "(for 100k+ identities; works in one process too)")})
+    sample_rate: float = field(default=1.0, metadata={"help": (
+        "Partial FC: fraction of each shard's classes in the softmax per step, positives always kept "
+        "(0 < R <= 1; 1 = the full softmax)")})
+    data_parallel: bool = field(default=True, metadata={"help": (
+        "without torchrun, use every visible GPU in one process (torch.nn.DataParallel); torchrun is faster")})
+    dist_timeout: float = field(default=120.0, metadata={"help": (
+        "minutes a process waits for the others (e.g. while rank 0 evaluates or saves) before failing")})
 
     # --- evaluation, logging, checkpoints ---------------------------------
     eval_every: int = field(default=0, metadata={
@@ -83,7 +101,9 @@ class Config:
     log_every: int = field(default=20, metadata={"help": "log scalars every N steps"})
     save_every: int = field(default=0, metadata={
         "help": "write checkpoint.pt every N steps (0 = each epoch, -1 = only at the end)"})
-    resume: str = field(default="", metadata={"help": "run directory or checkpoint.pt to resume from"})
+    resume: str = field(default="", metadata={"help": (
+        "run directory or checkpoint.pt to resume from; 'auto' = the --output run if it has a checkpoint, "
+        "else start fresh (for torchrun --max-restarts and requeued jobs)")})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     save_init: bool = field(default=False, metadata={
         "help": "also write backbone_init.pt (the untrained weights), to compare against"})

@@ -25,7 +25,10 @@ import heads
 import losses
 from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config, to_dict
 from data.dataset import build_dataset
+from heads.partial_fc import PartialFC
 from utils import checkpoint as ckpt
+from utils import distributed as dist_utils
+from utils.distributed import DistInfo
 from utils.errors import fail, user_errors
 from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
 from utils.runtime import keep_freed_memory
@@ -43,15 +46,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list-heads", action="store_true", help="print the margin heads and losses and exit")
     add_config_flags(parser)
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return dev
 
 
 def eval_dir_of(cfg: Config) -> str:
@@ -144,19 +138,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail("train.py", exc)
 
 
+def resume_source(cfg: Config) -> str:
+    """The checkpoint to resume from: --resume PATH, or with 'auto' the --output run if it has one."""
+    if cfg.resume != "auto":
+        return cfg.resume
+    found = os.path.isfile(os.path.join(cfg.output, "checkpoint.pt"))
+    return cfg.output if found else ""
+
+
+def check_values(cfg: Config) -> None:
+    """Values no type check catches, as one-line errors before any work starts."""
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ConfigError(f"--batch-size and --grad-accum must be >= 1, got {cfg.batch_size} and {cfg.grad_accum}")
+    if not 0.0 < cfg.sample_rate <= 1.0:
+        raise ConfigError(f"--sample-rate must be in (0, 1], got {cfg.sample_rate}")
+    if cfg.sample_rate < 1.0 and not cfg.partial_fc:
+        raise ConfigError("--sample-rate below 1 samples Partial FC's classes: add --partial-fc")
+
+
+def keep_global_batch(cfg: Config, state: Dict[str, Any], given: Dict[str, Any], world_size: int) -> Config:
+    """On resume at another world size, keep the global batch (and so the schedule and the data
+    stream) by changing the per-process batch, unless --batch-size was typed."""
+    global_batch = int(state.get("global_batch", 0))
+    if not global_batch or "batch_size" in given or cfg.batch_size * world_size * cfg.grad_accum == global_batch:
+        return cfg
+    per = global_batch / (world_size * cfg.grad_accum)
+    if per != int(per):
+        raise ConfigError(f"the checkpoint's global batch {global_batch} does not split over {world_size} "
+                          f"process(es) x grad_accum {cfg.grad_accum}: give --batch-size (and --grad-accum)")
+    return apply_overrides(cfg, {"batch_size": int(per)})
+
+
 def run(cfg: Config, given: Dict[str, Any]) -> int:
+    check_values(cfg)
+    info, device = init_distributed(cfg)
+    try:
+        return train(cfg, given, info, device)
+    finally:
+        dist_utils.cleanup()
+
+
+def init_distributed(cfg: Config) -> tuple[DistInfo, torch.device]:
+    try:
+        return dist_utils.init(cfg.device, cfg.dist_timeout)
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.device) -> int:
     state = None
-    if cfg.resume:
-        state = ckpt.load_training_checkpoint(cfg.resume)
+    source = resume_source(cfg)
+    if source:
+        state = ckpt.load_training_checkpoint(source)
         # the resumed run's config, with what was typed now on top (e.g. more --epochs)
-        cfg = apply_overrides(from_dict(state["config"]), given)
+        cfg = apply_overrides(from_dict(state["config"]), {**given, "resume": source})
         if "output" not in given:
-            cfg = apply_overrides(cfg, {"output": cfg.resume if os.path.isdir(cfg.resume)
-                                        else os.path.dirname(os.path.abspath(cfg.resume))})
+            cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
+                                        else os.path.dirname(os.path.abspath(source))})
+        cfg = keep_global_batch(cfg, state, given, info.world_size)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    os.makedirs(cfg.output, exist_ok=True)
-    log = make_logger(cfg.output)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 112x112 inputs: let cuDNN pick the fastest kernels
+    if info.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+    log = make_logger(cfg.output) if info.is_main else (lambda msg: None)
 
     dataset = build_dataset(cfg.data)
     for src, off in zip(dataset.sources, dataset.label_offsets):
@@ -164,24 +209,39 @@ def run(cfg: Config, given: Dict[str, Any]) -> int:
     model = build_backbone(cfg)
     head = build_head(cfg, dataset.num_classes)
     criterion = build_loss(cfg)
+    if cfg.partial_fc:
+        head = PartialFC(head, criterion, sample_rate=cfg.sample_rate, rank=info.rank,
+                         world_size=info.world_size, seed=cfg.seed)
+    data_parallel = (not info.distributed and device.type == "cuda" and cfg.data_parallel
+                     and torch.cuda.device_count() > 1 and device.index is None)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
     log(f"model: {cfg.backbone} ({n_params:.2f}M params, {cfg.input_order} input), head {cfg.head} "
-        f"({dataset.num_classes} classes), loss {cfg.loss}, device {device}, amp {cfg.amp}")
-    save_config(cfg, os.path.join(cfg.output, "config.json"))
+        f"({dataset.num_classes} classes{pfc}), "
+        f"loss {cfg.loss}, device {device}, amp {cfg.amp}")
+    if info.is_main:
+        save_config(cfg, os.path.join(cfg.output, "config.json"))
 
     def save_backbone(m: nn.Module, path: str) -> None:
         ckpt.save_backbone(path, m.state_dict(), cfg.backbone, cfg.embedding_size, cfg.input_order, to_dict(cfg))
 
-    trainer = Trainer(cfg, model, head, criterion, dataset, device, cfg.output,
-                      evaluator=make_evaluator(cfg, device, log), save_backbone=save_backbone, log=log)
+    evaluator = make_evaluator(cfg, device, log) if info.is_main else None
+    trainer = Trainer(cfg, model, head, criterion, dataset, device, cfg.output, evaluator=evaluator,
+                      save_backbone=save_backbone, log=log, dist_info=info, data_parallel=data_parallel)
     if state is not None:
         trainer.load_state_dict(state)
-        log(f"resumed from {cfg.resume} at step {trainer.step}")
-    elif cfg.save_init:
+        log(f"resumed from {cfg.resume} at step {trainer.step} (saved by {state.get('world_size', 1)} process(es))")
+    elif cfg.save_init and info.is_main:
         save_backbone(trainer.model, os.path.join(cfg.output, "backbone_init.pt"))
-    log(f"batch {cfg.batch_size} x 1 process = {cfg.batch_size} images/step, {trainer.steps_per_epoch} steps/epoch, "
-        f"{trainer.total_steps} steps in all")
-    trainer.fit(to_dict(cfg))
+    if data_parallel:
+        log(f"note: DataParallel over {torch.cuda.device_count()} GPUs in one process; "
+            f"torchrun --nproc_per_node={torch.cuda.device_count()} train.py ... is faster")
+    where = f"{info.world_size} process(es)" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
+    log(f"batch {cfg.batch_size} per process x {where} = {trainer.global_batch} images/step, "
+        f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
+    stopped = trainer.fit(to_dict(cfg))
+    if stopped is not None:
+        return 128 + int(stopped)  # the shell's convention for "ended by signal N"
     if trainer.skipped:
         log(f"warning: {trainer.skipped} undecodable images were skipped")
     log(f"done: {cfg.output}/backbone.pt (best mean verification accuracy "

@@ -7,6 +7,7 @@ returned with label -1, dropped by `collate`, and counted by the trainer.
 
 from __future__ import annotations
 
+import signal
 from typing import List, Sequence, Tuple
 
 import cv2
@@ -132,5 +133,11 @@ class ResumableBatchSampler(Sampler[List[int]]):
 
 
 def worker_init(_: int) -> None:
-    """Decode threads: one per worker process (the workers already run in parallel)."""
+    """Decode threads: one per worker process (the workers already run in parallel).
+
+    Workers ignore SIGINT/SIGTERM: the training process handles them (a clean stop
+    with a checkpoint at the next step) and shuts its workers down itself.
+    """
     cv2.setNumThreads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -25,6 +25,10 @@ def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) 
     The coin flips come from `generator` on the CPU so a resumed run draws the
     same flips as an uninterrupted one.
     """
-    mask = torch.rand(images.shape[0], generator=generator) < 0.5
-    mask = mask.to(images.device).view(-1, 1, 1, 1)
+    return apply_flips(images, torch.rand(images.shape[0], generator=generator) < 0.5)
+
+
+def apply_flips(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Flip (along the width of a (B,C,H,W) batch) the images where the bool `mask` (B,) is True."""
+    mask = mask.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
     return torch.where(mask, images.flip(3), images)

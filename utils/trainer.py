@@ -4,6 +4,15 @@ train.py builds the parts from the config and hands them here; this module
 knows nothing of the command line. Everything that changes during training
 (weights, optimizer, scheduler, scaler, head buffers, step, RNG) is in the
 checkpoint, so `resume` continues exactly where the run stopped.
+
+One code path for one process and for N (torchrun): the backbone (and a dense
+head) run under DistributedDataParallel when there is a process group; a
+Partial FC head (heads/partial_fc.py) shards its centres instead. Each rank
+reads every W-th sample of one permutation, so the global batch of a step is
+the same set of images whatever W is; flips are drawn for the global batch and
+sliced; checkpoints hold full (gathered) centres. A run therefore resumes at
+another world size on the same data stream when the global batch is kept.
+Rank 0 logs, evaluates and writes; the others wait at a barrier.
 """
 
 from __future__ import annotations
@@ -11,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,8 +32,10 @@ from tqdm import tqdm
 from data.dataset import FaceDataset, ResumableBatchSampler, collate, worker_init
 from data.sources import DataSourceError
 from utils import checkpoint as ckpt
+from utils import distributed as dist_utils
 from utils.atomic import write_json
-from utils.preprocess import normalize, random_flip
+from utils.distributed import DistInfo
+from utils.preprocess import apply_flips, normalize
 from utils.schedule import make_lr_lambda
 
 Evaluator = Callable[[nn.Module], Dict[str, Any]]
@@ -39,6 +51,26 @@ def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class StepModule(nn.Module):
+    """What DDP wraps: the backbone and, unless Partial FC owns the centres, the dense head."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None, amp_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.head, self.amp_dtype = model, head, amp_dtype
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor):
+        autocast = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
+            emb = self.model(x)
+        emb = emb.float()  # the head and the softmax run in fp32
+        return emb, (None if self.head is None else self.head(emb, labels))
+
+
+def _is_partial_fc(head: nn.Module) -> bool:
+    return callable(getattr(head, "full_weight_state", None))
+
+
 class Trainer:
     """Train `model` + `head` with `criterion` on `dataset`, per the duck-typed config `cfg`.
 
@@ -51,14 +83,23 @@ class Trainer:
     def __init__(self, cfg: Any, model: nn.Module, head: nn.Module, criterion: nn.Module, dataset: FaceDataset,
                  device: torch.device, output_dir: str, evaluator: Evaluator | None = None,
                  save_backbone: Callable[[nn.Module, str], None] | None = None,
-                 log: Callable[[str], None] = print) -> None:
-        self.cfg, self.device, self.output_dir = cfg, device, output_dir
+                 log: Callable[[str], None] = print, dist_info: DistInfo = DistInfo(),
+                 data_parallel: bool = False) -> None:
+        self.cfg, self.device, self.output_dir, self.dist = cfg, device, output_dir, dist_info
         self.model, self.head, self.criterion = model.to(device), head.to(device), criterion.to(device)
         if getattr(cfg, "channels_last", False):
             self.model.to(memory_format=torch.channels_last)
         self.dataset, self.evaluator, self.save_backbone_fn, self.log = dataset, evaluator, save_backbone, log
-        self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed)
-        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        self.sharded = _is_partial_fc(self.head)
+        self.accum = max(1, int(getattr(cfg, "grad_accum", 1)))
+        self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
+                                             world_size=dist_info.world_size)
+        self.global_batch = cfg.batch_size * dist_info.world_size * self.accum
+        self.steps_per_epoch = self.sampler.batches_per_epoch() // self.accum
+        if self.steps_per_epoch == 0:
+            raise DataSourceError(f"{len(dataset)} images are fewer than one optimizer step of {self.global_batch} "
+                                  f"(batch {cfg.batch_size} x {dist_info.world_size} processes x grad_accum "
+                                  f"{self.accum})")
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
         self.optimizer = torch.optim.SGD(param_groups([self.model, self.head], cfg.weight_decay),
@@ -70,24 +111,68 @@ class Trainer:
         self.use_scaler = bool(cfg.amp and device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.step_module = self._wrap(data_parallel)
         self.step = 0
         self.skipped = 0
         self.best = -math.inf
         self.history: Dict[str, List[Any]] = {"step": [], "loss": [], "lr": [], "eval": []}
         self._tb = None
+        self._signal: int | None = None
+
+    def _wrap(self, data_parallel: bool) -> nn.Module:
+        """The module the step calls: compiled backbone, dense head inside, DDP or DataParallel around."""
+        backbone = self.model
+        if getattr(self.cfg, "compile", False):
+            backbone = torch.compile(backbone)
+        module = StepModule(backbone, None if self.sharded else self.head,
+                            self.amp_dtype if self.cfg.amp else None)
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(module, device_ids=ids, broadcast_buffers=False)
+        if data_parallel:
+            return nn.DataParallel(module)
+        return module
 
     # ------------------------------------------------------------------ state
+    def _centre_index(self) -> int | None:
+        """Position of Partial FC's sharded centres in the optimizer's state numbering."""
+        if not self.sharded:
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return next(i for i, p in enumerate(params) if p is self.head.weight)
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"step": self.step, "model": self.model.state_dict(), "head": self.head.state_dict(),
-                "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """Everything to resume, independent of the world size. Collective under Partial FC (all ranks call it)."""
+        head = self.head.state_dict()
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:  # gather the sharded centres and their momentum into full matrices
+            head["weight"] = self.head.full_weight_state()
+            idx = self._centre_index()
+            buf = optimizer["state"].get(idx, {}).get("momentum_buffer")
+            if buf is not None:
+                optimizer["state"][idx] = dict(optimizer["state"][idx], momentum_buffer=self.head.gather_rows(buf))
+        return {"step": self.step, "model": self.model.state_dict(), "head": head,
+                "criterion": self.criterion.state_dict(), "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "skipped": self.skipped, "history": self.history, "rng": ckpt.rng_state()}
+                "best": self.best, "skipped": self.skipped, "history": self.history, "rng": ckpt.rng_state(),
+                "world_size": self.dist.world_size, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a checkpoint written at any world size (full centres are re-sharded)."""
         self.model.load_state_dict(state["model"])
         self.head.load_state_dict(state["head"])
         self.criterion.load_state_dict(state.get("criterion", {}))
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = state["optimizer"]
+        if self.sharded:
+            idx = self._centre_index()
+            entry = optimizer["state"].get(idx, {})
+            buf = entry.get("momentum_buffer")
+            if buf is not None and buf.shape != self.head.weight.shape:
+                optimizer = dict(optimizer, state=dict(optimizer["state"]))
+                optimizer["state"][idx] = dict(entry, momentum_buffer=self.head.shard_rows(buf))
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best, self.skipped = int(state["step"]), float(state["best"]), int(state["skipped"])
@@ -95,9 +180,18 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
 
     def save(self, config: Dict[str, Any]) -> None:
-        """checkpoint.pt (resume) + backbone.pt (weights) + history.json/loss.png."""
-        ckpt.save_training_checkpoint(os.path.join(self.output_dir, "checkpoint.pt"), config=config,
-                                      **self.state_dict())
+        """checkpoint.pt (resume) + backbone.pt (weights) + history.json/loss.png, written by rank 0.
+
+        Every rank calls it (gathering sharded centres is collective); the others wait
+        until rank 0 has written, so nobody runs ahead of (or exits before) the files.
+        """
+        state = self.state_dict()
+        if self.dist.is_main:
+            self._write(config, state)
+        dist_utils.barrier(self.dist, self.device)
+
+    def _write(self, config: Dict[str, Any], state: Dict[str, Any]) -> None:
+        ckpt.save_training_checkpoint(os.path.join(self.output_dir, "checkpoint.pt"), config=config, **state)
         if self.save_backbone_fn is not None:
             self.save_backbone_fn(self.model, os.path.join(self.output_dir, "backbone.pt"))
         write_json(os.path.join(self.output_dir, "history.json"), self.history)
@@ -112,25 +206,46 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", worker_init_fn=worker_init if nw else None,
                           persistent_workers=False, prefetch_factor=4 if nw else None)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimizer step on a uint8 batch; returns the loss."""
-        self.model.train()
+    def _flip_masks(self) -> torch.Tensor:
+        """(K, B) flip coins of this rank's micro-batches, sliced from the global batch's coins.
+
+        Drawn for the whole optimizer step (K*B*W images, generator seeded by (seed, step)) in
+        the sampler's order, where this rank's micro-batch m holds the images at positions
+        W*(B*m + j) + rank: so the flips do not depend on how the batch is split.
+        """
+        b, w = self.cfg.batch_size, self.dist.world_size
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
+        coins = torch.rand(self.accum * b * w, generator=g) < 0.5
+        return coins.view(self.accum, b, w)[:, :, self.dist.rank]
+
+    def train_step(self, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over K uint8 micro-batches; returns the loss (detached, on the device).
+
+        Each micro-batch's loss is divided by K, so the gradient is that of the mean over the
+        K*B images; DDP synchronises gradients on the last micro-step only.
+        """
+        self.step_module.train()
         self.head.train()
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        flips = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.step)
-        x = normalize(random_flip(images, flips), channels_last=getattr(self.cfg, "channels_last", False))
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.cfg.amp else contextlib.nullcontext()
-        with autocast:
-            emb = self.model(x)
-        out = self.head(emb.float(), labels)
-        loss = self.criterion(out.logits, labels)
-        if out.extra_loss is not None:
-            loss = loss + out.extra_loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: lower --lr or enable --grad-clip")
+        masks = self._flip_masks()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = torch.zeros((), device=self.device)
+        channels_last = getattr(self.cfg, "channels_last", False)
+        for m, (images, labels) in enumerate(micro_batches):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            x = normalize(apply_flips(images, masks[m, :len(images)]), channels_last=channels_last)
+            last = m == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.step_module.no_sync()
+            with sync:
+                emb, out = self.step_module(x, labels)
+                if self.sharded:
+                    loss = self.head(emb, labels)
+                else:
+                    loss = self.criterion(out.logits, labels)
+                    if out.extra_loss is not None:  # DataParallel gathers one per GPU
+                        loss = loss + out.extra_loss.mean()
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -138,10 +253,18 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return float(loss.detach())
+        return total
 
     def evaluate(self) -> Dict[str, Any] | None:
-        if self.evaluator is None or self.cfg.eval_every < 0:
+        """Verification on rank 0 (the others wait at a barrier); best.pt when the mean improves."""
+        if self.cfg.eval_every < 0:
+            return None
+        report = self._evaluate_main() if self.dist.is_main else None
+        dist_utils.barrier(self.dist, self.device)
+        return report
+
+    def _evaluate_main(self) -> Dict[str, Any] | None:
+        if self.evaluator is None:
             return None
         report = self.evaluator(self.model)
         report["step"] = self.step
@@ -162,6 +285,17 @@ class Trainer:
                 self.save_backbone_fn(self.model, os.path.join(self.output_dir, "best.pt"))
         return report
 
+    def _fill(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Under several processes, a batch short of undecodable images is refilled by repeating its
+        good ones: every rank must run the same collectives on batches of one size."""
+        want = self.cfg.batch_size
+        if not self.dist.distributed or len(labels) == want:
+            return images, labels
+        if len(labels) == 0:
+            raise DataSourceError(f"rank {self.dist.rank}: a whole batch of undecodable images at step {self.step}")
+        idx = torch.arange(want) % len(labels)
+        return images[idx], labels[idx]
+
     def _check_bad(self, bad: List[Any]) -> None:
         """Stop on an unreadable record; count and report undecodable images."""
         unreadable = [b for b in bad if isinstance(b, str)]
@@ -172,10 +306,13 @@ class Trainer:
             names = ", ".join(self.dataset.describe(i) for i in bad[:3])
             self.log(f"warning: skipped undecodable image(s) {names} ({self.skipped} skipped so far)")
 
-    def _log_window(self, losses: List[float], seconds: float, epoch: int, bar: tqdm) -> None:
-        """Record the mean loss, lr and throughput of the last `log_every` steps."""
-        mean_loss = sum(losses) / len(losses)
-        ips = len(losses) * self.cfg.batch_size / max(seconds, 1e-9)
+    def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int, bar: tqdm) -> None:
+        """Record the mean loss (over steps and ranks), lr and global throughput of the last steps."""
+        self._check_finite(losses)
+        mean_loss = dist_utils.mean_over_ranks(float(torch.stack(losses).mean()), self.dist, self.device)
+        if not self.dist.is_main:
+            return
+        ips = len(losses) * self.global_batch / max(seconds, 1e-9)
         lr = self.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4g}", img_s=f"{ips:.0f}", epoch=epoch)
         if not self.cfg.progress:  # logs and pipes get plain lines instead of a bar
@@ -186,61 +323,116 @@ class Trainer:
         for k, v in (("loss", mean_loss), ("lr", lr), ("img_per_s", ips)):
             self._tb.add_scalar(f"train/{k}", v, self.step)
 
+    def _check_finite(self, losses: List[torch.Tensor]) -> None:
+        """Stop (on every rank) if a recent step's loss was NaN/inf, before it is logged or saved.
+
+        Checked at log, evaluation and save points rather than every step: a per-step check
+        would make the GPU wait for the CPU at every step.
+        """
+        bad = bool(losses) and not bool(torch.isfinite(torch.stack(losses)).all())
+        if dist_utils.any_rank(bad, self.dist, self.device):
+            raise FloatingPointError(f"loss is not finite by step {self.step}: lower --lr or enable --grad-clip "
+                                     f"(the last checkpoint is kept)")
+
     def _due(self, every: int) -> bool:
         """every > 0: each `every` steps; 0: at the end of each epoch; < 0: never."""
         if every > 0:
             return self.step % every == 0
         return every == 0 and self.step % self.steps_per_epoch == 0
 
-    def fit(self, config: Dict[str, Any], stop_at: int | None = None) -> None:
+    def _micro_batches(self, loader: DataLoader):
+        """Groups of K micro-batches (one optimizer step each), bad images checked and refilled."""
+        group: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        for images, labels, bad in loader:
+            self._check_bad(bad)
+            if len(labels) == 0 and not self.dist.distributed:
+                continue
+            group.append(self._fill(images, labels))
+            if len(group) == self.accum:
+                yield group
+                group = []
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signal = signum  # acted on at the next step boundary, on every rank at once
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM / SIGINT (what schedulers and Ctrl-C send) ask for a clean stop with a checkpoint."""
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: no handlers, no clean stop
+            pass
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def fit(self, config: Dict[str, Any], stop_at: int | None = None) -> int | None:
         """Train to `total_steps`, evaluating and checkpointing on the way.
 
         `stop_at` ends the run early at that step with a checkpoint written (what
         an interruption does); resuming from it continues on the same schedule.
+        Returns None when the run ended normally, or the number of the signal
+        (SIGTERM/SIGINT) that stopped it at a step boundary after a checkpoint.
         """
         cfg = self.cfg
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
-        os.makedirs(self.output_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter  # local: heavy import
+        main = self.dist.is_main
+        if main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter  # local: heavy import
 
-        self._tb = SummaryWriter(os.path.join(self.output_dir, "tb"))
+            self._tb = SummaryWriter(os.path.join(self.output_dir, "tb"))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
-                   disable=not cfg.progress, dynamic_ncols=True)
-        window: List[float] = []
+                   disable=not (cfg.progress and main), dynamic_ncols=True)
+        window: List[torch.Tensor] = []
         t0 = time.perf_counter()
         last_eval = last_save = -1
+        stopped = None
         try:
-            while self.step < end:
-                epoch, start = divmod(self.step, self.steps_per_epoch)
-                self.sampler.set_epoch(epoch, start)
-                for images, labels, bad in self._loader():
-                    self._check_bad(bad)
-                    if len(labels) == 0:
-                        continue
-                    window.append(self.train_step(images, labels))
-                    self.step += 1
-                    bar.update(1)
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        self._log_window(window, time.perf_counter() - t0, epoch, bar)
-                        window, t0 = [], time.perf_counter()
-                    if self._due(cfg.eval_every):
-                        self._log_eval(self.evaluate())
-                        last_eval = self.step
-                    if self._due(cfg.save_every):
-                        self.save(config)
-                        last_save = self.step
-                    if self.step >= end:
-                        break
-            if self.step >= self.total_steps and last_eval != self.step:
-                self._log_eval(self.evaluate())
-            if last_save != self.step:
-                self.save(config)
+            with self._stop_signals():
+                while self.step < end and stopped is None:
+                    epoch, start = divmod(self.step, self.steps_per_epoch)
+                    self.sampler.set_epoch(epoch, start * self.accum)
+                    for micro in self._micro_batches(self._loader()):
+                        window.append(self.train_step(micro))
+                        self.step += 1
+                        bar.update(1)
+                        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                            self._log_window(window, time.perf_counter() - t0, epoch, bar)
+                            window, t0 = [], time.perf_counter()
+                        if dist_utils.any_rank(self._signal is not None, self.dist, self.device):
+                            stopped = self._signal or signal.SIGTERM
+                            break
+                        if self._due(cfg.eval_every):
+                            self._check_finite(window)
+                            self._log_eval(self.evaluate())
+                            last_eval = self.step
+                        if self._due(cfg.save_every):
+                            self._check_finite(window)
+                            self.save(config)
+                            last_save = self.step
+                        if self.step >= end or self.step % self.steps_per_epoch == 0:
+                            break
+                if stopped is None and self.step >= self.total_steps and last_eval != self.step:
+                    self._log_eval(self.evaluate())
+                if last_save != self.step:
+                    self._check_finite(window)
+                    self.save(config)
         finally:
             bar.close()
-            self._tb.close()
+            if self._tb is not None:
+                self._tb.close()
+        if stopped is not None and main:
+            self.log(f"stopped by signal {signal.Signals(stopped).name} at step {self.step}: checkpoint written; "
+                     f"continue with --resume {self.output_dir}")
+        return stopped
 
     def _log_eval(self, report: Dict[str, Any] | None) -> None:
-        if not report:
+        if not report or not self.dist.is_main:
             return
         results = report.get("results", {})
         parts = [f"{k} {100 * v['accuracy']:.2f}" for k, v in results.items()]

@@ -1,0 +1,109 @@
+"""torch.distributed as torchrun sets it up: who am I, wait for the others, agree on a flag.
+
+A process group exists only when the script was started by torchrun (or anything
+that sets the same environment: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
+with WORLD_SIZE > 1; nothing happens at import. NCCL on CUDA, gloo on CPU. Every
+helper here is a no-op (or the identity) in a single process, so the training loop
+is one code path for 1 and N processes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job. ``world_size`` 1 means no process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 logs, evaluates and writes files; the others wait for it."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment describes a multi-process job (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: str = "auto", timeout_minutes: float = 120.0) -> tuple[DistInfo, torch.device]:
+    """Join the job torchrun started (if any) and pick this process's device.
+
+    ``device`` "auto" is cuda:LOCAL_RANK when CUDA is available, else the CPU. The
+    timeout bounds how long ranks wait for each other (e.g. while rank 0 evaluates);
+    it is generous by default because a full seven-set evaluation of a large model can
+    take minutes.
+    """
+    if not launched_by_torchrun():
+        return DistInfo(), _single_device(device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return DistInfo(rank, world, local), dev
+
+
+def _single_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    return dev
+
+
+def barrier(info: DistInfo, device: torch.device) -> None:
+    """Wait until every rank gets here (no-op in one process)."""
+    if info.distributed:
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on at least one (e.g. "a stop signal arrived")."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
+    """The mean of a scalar across ranks (e.g. the logged loss)."""
+    if not info.distributed:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / info.world_size
+
+
+def cleanup() -> None:
+    """Leave the process group (if one was joined), so the process exits without warnings."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
