@@ -130,7 +130,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(module, device_ids=ids, broadcast_buffers=False)
+            return DDP(module, device_ids=ids)  # BN statistics follow rank 0 (buffers broadcast each forward)
         if data_parallel:
             return nn.DataParallel(module)
         return module
@@ -248,12 +248,31 @@ class Trainer:
             total += loss.detach() / len(micro_batches)
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            self._clip_gradients(self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return total
+
+    def _clip_gradients(self, max_norm: float) -> None:
+        """Clip the norm of the whole gradient to `max_norm`, as one process would.
+
+        Replicated parameters have the same gradient on every rank; Partial FC's centre shards
+        each hold a different part, so their squared norms are summed over ranks.
+        """
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        shard = [p for p in params if self.sharded and p is self.head.weight]
+        rest = [p for p in params if not (self.sharded and p is self.head.weight)]
+        if not shard or not self.dist.distributed:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return
+        sq_rest = sum((p.grad.detach().float().pow(2).sum() for p in rest), torch.zeros((), device=self.device))
+        sq_shard = shard[0].grad.detach().float().pow(2).sum()
+        torch.distributed.all_reduce(sq_shard)
+        total = (sq_rest + sq_shard).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coef.to(p.grad.dtype))
 
     def evaluate(self) -> Dict[str, Any] | None:
         """Verification on rank 0 (the others wait at a barrier); best.pt when the mean improves."""
