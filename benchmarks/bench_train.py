@@ -1,0 +1,161 @@
+"""Training-step throughput: our Trainer step in several modes against a plain PyTorch loop.
+
+    python benchmarks/bench_train.py [--backbones mobilefacenet,ir_se50] [--batch-size 32] [--steps 4]
+                                     [--modes eager,channels_last,amp,compile] [--device auto] [--classes 10000]
+
+For each backbone, in one run, side by side:
+- plain: a straightforward loop written here (float input normalised beforehand, backbone,
+  normalised-linear ArcFace, cross-entropy, SGD), fp32, contiguous NCHW: what a seed does;
+- ours in each mode, through utils.trainer.Trainer.train_step (uint8 batch in, flip and
+  normalise on the device, head in fp32): eager (NCHW fp32), channels_last, amp (channels_last +
+  bf16 autocast, fp16 + GradScaler on CUDA), compile (channels_last + amp + torch.compile).
+Images/s is measured after warm-up steps (compile's warm-up excluded and reported apart). On a
+GPU it also reports the share of the device's measured bf16 matmul peak the step reaches, from
+the model's multiply-accumulates (training ~ 3 x forward, 2 FLOPs per MAC). Prints a table on
+stderr and one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import backbones  # noqa: E402
+import heads  # noqa: E402
+import losses  # noqa: E402
+from backbones.profile import profile  # noqa: E402
+from config import Config, apply_overrides  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
+
+MODES = {  # name -> Config overrides
+    "eager": dict(channels_last=False, amp=False, compile=False),
+    "channels_last": dict(channels_last=True, amp=False, compile=False),
+    "amp": dict(channels_last=True, amp=True, compile=False),
+    "compile": dict(channels_last=True, amp=True, compile=True),
+}
+
+
+class _Sized:
+    """Stands in for a dataset: the trainer only needs its length to plan epochs."""
+
+    def __len__(self) -> int:
+        return 10 ** 7
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, steps: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def plain_loop(name: str, args, device: torch.device, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The seeds' way: float NCHW input prepared on the host, fp32, no memory-format tricks."""
+    torch.manual_seed(0)
+    model = backbones.build(name).to(device).train()
+    weight = torch.nn.Parameter(torch.randn(args.classes, 512, device=device) * 0.01)
+    opt = torch.optim.SGD(list(model.parameters()) + [weight], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x_host = images.float().div(255).sub(0.5).div(0.5)  # ToTensor + Normalize, done up front (favours plain)
+    cos_m, sin_m, s = math.cos(0.5), math.sin(0.5), 64.0
+
+    def step():
+        x, y = x_host.to(device), labels.to(device)
+        cos = F.linear(F.normalize(model(x)), F.normalize(weight)).clamp(-1, 1)
+        sin = (1 - cos.pow(2)).clamp_min(0).sqrt()
+        target = cos * cos_m - sin * sin_m
+        one_hot = F.one_hot(y, args.classes).bool()
+        loss = F.cross_entropy(s * torch.where(one_hot, target, cos), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    _timed(step, args.warmup, device)
+    seconds = _timed(step, args.steps, device)
+    return {"img_per_s": args.steps * args.batch_size / seconds}
+
+
+def ours(name: str, mode: str, args, device: torch.device, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Trainer.train_step on a uint8 batch, in one of MODES."""
+    torch.manual_seed(0)
+    cfg = apply_overrides(Config(), dict(MODES[mode], backbone=name, batch_size=args.batch_size, lr=0.01,
+                                         grad_clip=5.0, progress=False, num_workers=0))
+    head = heads.build("arcface", 512, args.classes, s=64.0, m=0.5)
+    trainer = Trainer(cfg, backbones.build(name), head, losses.build("cross_entropy"), _Sized(), device,
+                      output_dir=os.devnull, log=lambda m: None)
+    batch = [(images, labels)]
+    t_warm = _timed(lambda: trainer.train_step(batch), args.warmup, device)
+    seconds = _timed(lambda: trainer.train_step(batch), args.steps, device)
+    return {"img_per_s": args.steps * args.batch_size / seconds, "warmup_s": t_warm}
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    """Measured dense bf16 matmul throughput of the device (TFLOP/s), GPU only."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    reps = 20
+    seconds = _timed(lambda: a @ b, reps, device)
+    return 2 * n ** 3 * reps / seconds / 1e12
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default="mobilefacenet,ir_se50",
+                        help="comma-separated (the issue's set: mobilefacenet,ir_se50,iresnet100,efficientnet_b0)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    parser.add_argument("--modes", default="eager,channels_last,amp,compile")
+    parser.add_argument("--classes", type=int, default=10000, help="identities of the ArcFace head")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.batch_size, 3, 112, 112), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, args.classes, (args.batch_size,), generator=g)
+    if device.type == "cuda":
+        images, labels = images.pin_memory(), labels.pin_memory()
+    peak = matmul_peak_tflops(device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "batch_size": args.batch_size,
+               "bf16_matmul_peak_tflops": peak, "backbones": {}}
+    for name in args.backbones.split(","):
+        gmacs = profile(lambda n=name: backbones.build(n)).gmacs
+        row = {"gmacs": gmacs, "plain": plain_loop(name, args, device, images, labels)}
+        for mode in args.modes.split(","):
+            row[mode] = ours(name, mode, args, device, images, labels)
+            row[mode]["vs_plain"] = row[mode]["img_per_s"] / row["plain"]["img_per_s"]
+            if peak:
+                row[mode]["share_of_peak"] = row[mode]["img_per_s"] * 6 * gmacs * 1e9 / (peak * 1e12)
+        results["backbones"][name] = row
+        cells = ", ".join(f"{m} {row[m]['img_per_s']:.1f} ({row[m]['vs_plain']:.2f}x)" for m in args.modes.split(","))
+        print(f"{name} ({gmacs:.2f} GMACs) batch {args.batch_size} on {results['device']}: plain "
+              f"{row['plain']['img_per_s']:.1f} img/s; ours {cells}", file=sys.stderr)
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
