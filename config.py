@@ -37,6 +37,9 @@ class Config:
         "comma-separated verification targets (e.g. lfw,cfp_fp); empty = every .bin found")})
     output: str = field(default="runs/default", metadata={"help": "run directory"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    decode_on_device: bool = field(default=False, metadata={"help": (
+        "workers only read bytes; JPEGs are decoded in batches where the model runs "
+        "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
 
     # --- model ------------------------------------------------------------
     backbone: str = field(default="mobilefacenet", metadata={"help": "backbone name (see --list-backbones)"})

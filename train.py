@@ -203,7 +203,7 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
         os.makedirs(cfg.output, exist_ok=True)
     log = make_logger(cfg.output) if info.is_main else (lambda msg: None)
 
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, decode=not cfg.decode_on_device)
     for src, off in zip(dataset.sources, dataset.label_offsets):
         log(f"data: {src.path}: {len(src)} images, {src.num_classes} classes (labels from {int(off)})")
     model = build_backbone(cfg)

@@ -34,9 +34,11 @@ def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarr
 class FaceDataset(Dataset):
     """Concatenation of sources, labels offset so each source has its own classes."""
 
-    def __init__(self, sources: Sequence[FaceSource], image_size: Tuple[int, int] = (112, 112)) -> None:
+    def __init__(self, sources: Sequence[FaceSource], image_size: Tuple[int, int] = (112, 112),
+                 decode: bool = True) -> None:
         self.sources = list(sources)
         self.image_size = image_size
+        self.decode = decode  # False: items are the encoded bytes (decoded on the device, utils/device_decode.py)
         sizes = np.array([len(s) for s in self.sources], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         offsets = np.concatenate([[0], np.cumsum([s.num_classes for s in self.sources])])
@@ -69,6 +71,8 @@ class FaceDataset(Dataset):
             payload = self.sources[k].read(i)
         except (OSError, ValueError) as exc:
             return blank, -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
+        if not self.decode:
+            return torch.frombuffer(bytearray(payload), dtype=torch.uint8), int(self.labels[index]), index
         try:
             img = decode_image(payload, self.image_size)
         except (cv2.error, ValueError):
@@ -78,14 +82,17 @@ class FaceDataset(Dataset):
         return torch.from_numpy(img).permute(2, 0, 1), int(self.labels[index]), index
 
 
-def build_dataset(spec: str, image_size: Tuple[int, int] = (112, 112)) -> FaceDataset:
+def build_dataset(spec: str, image_size: Tuple[int, int] = (112, 112), decode: bool = True) -> FaceDataset:
     """`spec`: one path or several joined by commas (labels offset per source)."""
     paths = [p.strip() for p in spec.split(",") if p.strip()]
-    return FaceDataset([open_source(p) for p in paths], image_size)
+    return FaceDataset([open_source(p) for p in paths], image_size, decode)
 
 
 def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Tensor, torch.Tensor, List[int | str]]:
     """Stack the good samples; return the bad ones separately.
+
+    With a dataset built with ``decode=False`` the images come back as a list of
+    (dataset index, encoded uint8 bytes) for utils.device_decode.decode_batch.
 
     `bad` holds the index of each undecodable image and, for an unreadable
     record (label -2), its error message: the trainer raises that one in the
@@ -93,11 +100,12 @@ def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Ten
     """
     good = [b for b in batch if b[1] >= 0]
     bad = [b[2] for b in batch if b[1] < 0]
-    if not good:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), bad
-    images = torch.stack([b[0] for b in good])
     labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
-    return images, labels, bad
+    if good and good[0][0].dim() == 1:  # encoded bytes, decoded later on the device: [(index, bytes), ...]
+        return [(b[2], b[0]) for b in good], labels, bad
+    if not good:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), labels, bad
+    return torch.stack([b[0] for b in good]), labels, bad
 
 
 class ResumableBatchSampler(Sampler[List[int]]):

@@ -363,6 +363,9 @@ class Trainer:
         """Groups of K micro-batches (one optimizer step each), bad images checked and refilled."""
         group: List[Tuple[torch.Tensor, torch.Tensor]] = []
         for images, labels, bad in loader:
+            if isinstance(images, list):  # encoded: decode where the model runs
+                images, labels, undecodable = self._decode(images, labels)
+                bad = list(bad) + undecodable
             self._check_bad(bad)
             if len(labels) == 0 and not self.dist.distributed:
                 continue
@@ -370,6 +373,17 @@ class Trainer:
             if len(group) == self.accum:
                 yield group
                 group = []
+
+    def _decode(self, items: List[Tuple[int, torch.Tensor]], labels: torch.Tensor):
+        """Batched JPEG decoding on the training device; undecodable images dropped and reported."""
+        from utils.device_decode import decode_batch
+
+        images, failed = decode_batch([p for _, p in items], self.device, tuple(self.dataset.image_size))
+        if failed:
+            keep = torch.ones(len(items), dtype=torch.bool)
+            keep[failed] = False
+            labels = labels[keep]
+        return images, labels, [items[i][0] for i in failed]
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signal = signum  # acted on at the next step boundary, on every rank at once

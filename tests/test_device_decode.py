@@ -1,0 +1,39 @@
+"""Decoding on the training device: the same pixels as the workers' OpenCV decode, bad ones reported."""
+
+import cv2
+import numpy as np
+import torch
+
+from tests.test_trainer import _trainer
+from utils.device_decode import decode_batch
+
+
+def _encoded(ext, img):
+    return torch.from_numpy(cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].copy())
+
+
+def test_jpeg_png_and_a_damaged_payload():
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2))
+    jpeg, png = _encoded(".jpg", a), _encoded(".png", b)
+    images, bad = decode_batch([jpeg, torch.tensor([255, 216, 1, 2], dtype=torch.uint8), png], torch.device("cpu"))
+    assert bad == [1] and images.shape == (2, 3, 112, 112) and images.dtype == torch.uint8
+    ref_jpeg = cv2.cvtColor(cv2.imdecode(jpeg.numpy(), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    assert np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - ref_jpeg).max() <= 1
+    np.testing.assert_array_equal(images[1].permute(1, 2, 0).numpy(), b)  # PNG is lossless
+
+
+def test_other_sizes_are_resized():
+    img = np.full((56, 64, 3), 200, np.uint8)
+    images, bad = decode_batch([_encoded(".png", img)], torch.device("cpu"), (112, 112))
+    assert not bad and images.shape == (1, 3, 112, 112) and int(images.float().mean().round()) == 200
+
+
+def test_training_with_device_decode_matches_worker_decode(tiny_pack, tmp_path):
+    a, _ = _trainer(tiny_pack, tmp_path / "a", max_steps=3)
+    a.fit({})
+    b, _ = _trainer(tiny_pack, tmp_path / "b", max_steps=3)
+    b.dataset.decode = False
+    b.fit({})
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
