@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from utils.runtime import keep_freed_memory  # noqa: E402
 from utils.verification import (  # noqa: E402
     ACCURACY_THRESHOLDS,
     VAL_FAR_TARGET,
@@ -187,6 +188,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--sections", default="verification,embedding,decode_cache", help="which sections to run")
     args = parser.parse_args(argv)
 
+    keep_freed_memory()  # as evaluate.py and train.py do at start
     sections = {"verification": bench_verification, "embedding": bench_embedding, "decode_cache": bench_decode_cache}
     results = {name: sections[name](args) for name in args.sections.split(",")}
     if "verification" in results:

@@ -1,4 +1,11 @@
-"""Softmax cross-entropy and focal loss over head logits (B, C) and int64 labels (B,)."""
+"""Softmax cross-entropy and focal loss over head logits (B, C) and int64 labels (B,).
+
+Both losses are functions of the per-sample cross-entropy CE_i = -log p_i,target (and,
+for label smoothing, of the per-sample uniform term -mean_j log p_ij): ``forward``
+computes those from dense logits and hands them to ``from_sample_ce``, which a
+sharded softmax (``heads.partial_fc.PartialFC``) calls directly with the same terms
+computed across shards, so both paths share one formula.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +27,22 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = float(label_smoothing)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        if self.label_smoothing == 0:
+            return self.from_sample_ce(F.cross_entropy(logits.float(), labels, reduction="none"))
+        logp = F.log_softmax(logits.float(), dim=1)
+        return self.from_sample_ce(F.nll_loss(logp, labels, reduction="none"), -logp.mean(dim=1))
+
+    def from_sample_ce(self, ce: Tensor, uniform_ce: Tensor | None = None) -> Tensor:
+        """The loss from per-sample CE_i = -log p_i,target (B,) and, with label smoothing,
+        uniform_ce_i = -mean_j log p_ij over the classes (B,): mean_i (1 - eps)*CE_i + eps*uniform_ce_i,
+        F.cross_entropy's definition of ``label_smoothing``."""
+        if self.label_smoothing == 0:
+            return ce.mean()
+        if uniform_ce is None:
+            raise ValueError(f"cross_entropy: label_smoothing={self.label_smoothing} needs uniform_ce "
+                             f"(-mean_j log p_ij per sample), got None")
+        eps = self.label_smoothing
+        return ((1.0 - eps) * ce + eps * uniform_ce).mean()
 
     def extra_repr(self) -> str:
         return f"label_smoothing={self.label_smoothing}"
@@ -47,7 +69,10 @@ class FocalLoss(nn.Module):
         self.gamma, self.reduction = float(gamma), reduction
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
-        ce = F.cross_entropy(logits.float(), labels, reduction="none")
+        return self.from_sample_ce(F.cross_entropy(logits.float(), labels, reduction="none"))
+
+    def from_sample_ce(self, ce: Tensor, uniform_ce: Tensor | None = None) -> Tensor:
+        """The loss from per-sample CE_i = -log p_i,target (B,); ``uniform_ce`` is unused (no label smoothing)."""
         if self.reduction == "batch":
             ce = ce.mean()
         if self.gamma == 0:

@@ -28,12 +28,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 2e-5
 
 
-def make_trainer(pack, out, partial_fc=False, world_size=1, rank=0, **over):
+def make_trainer(pack, out, partial_fc=False, world_size=1, rank=0, timeout_minutes=2.0, **over):
     """A trainer as train.py wires it, on NoBNNet; same seed -> same initial weights everywhere."""
     cfg = build_config(overrides=dict(dict(batch_size=8, lr=0.2, epochs=4, num_workers=0, progress=False,
                                            log_every=1, seed=3, eval_every=-1, save_every=-1, grad_clip=0.0,
                                            channels_last=False, weight_decay=5e-4), **over))
-    info, device = dist_utils.init("cpu")
+    info, device = dist_utils.init("cpu", timeout_minutes)
     assert (info.rank, info.world_size) == (rank, world_size)
     torch.manual_seed(0)
     ds = build_dataset(pack)
@@ -131,6 +131,29 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_that_resumes_exactly(tiny_pa
     straight, _ = make_trainer(tiny_pack, tmp_path / "straight", True, batch_size=12, max_steps=5)
     straight.fit({})
     assert_same(weights(resumed), weights(straight))
+
+
+def _slow_evaluation(rank, world_size, pack, out):
+    import time
+
+    calls = []
+
+    def evaluator(model):  # a long evaluation on rank 0: the other rank must wait, not time out or run ahead
+        calls.append(rank)
+        time.sleep(3)
+        return {"mean_accuracy": 0.5 + 0.1 * len(calls), "results": {}}
+
+    # the process group's timeout (1.5 s) is shorter than the evaluation (3 s)
+    tr, _ = make_trainer(pack, out, False, world_size, rank, 0.025, batch_size=6, max_steps=2, eval_every=1)
+    tr.evaluator = evaluator if rank == 0 else None
+    tr.fit({})
+    return calls, tr.step
+
+
+def test_rank0_evaluates_while_the_others_wait(tiny_pack, tmp_path):
+    results = run_ranks(_slow_evaluation, 2, tiny_pack, str(tmp_path / "run"), init_group=False)
+    assert results == [([0, 0], 2), ([], 2)]
+    assert os.path.isfile(tmp_path / "run" / "eval.json")
 
 
 def test_torchrun_cli_two_processes(tiny_pack, tmp_path):

@@ -85,3 +85,39 @@ def test_registry_aliases_and_errors():
         losses.build("focall")
     with pytest.raises(ValueError, match="reduction"):
         losses.build("focal", reduction="sum")
+
+
+# ---------------------------------------------------------------- from per-sample cross-entropy (Partial FC's path)
+
+def uniform_per_sample(logits):
+    """-mean_j log softmax(logits)_j, float64, from the definition."""
+    z = logits.double()
+    return torch.log(torch.exp(z).sum(1)) - z.mean(1)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_from_sample_ce_matches_smoothed_target_definition(smoothing):
+    logits, labels = batch()
+    logp = torch.log_softmax(logits.double(), dim=1)
+    target = torch.full_like(logp, smoothing / logits.shape[1])
+    target[torch.arange(len(labels)), labels] += 1 - smoothing
+    want = -(target * logp).sum(1).mean()
+    got = losses.build("cross_entropy", label_smoothing=smoothing).from_sample_ce(
+        ce_per_sample(logits, labels), uniform_per_sample(logits))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cross_entropy_from_sample_ce_needs_uniform_term_when_smoothing():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match=r"label_smoothing=0.1 needs uniform_ce"):
+        losses.build("cross_entropy", label_smoothing=0.1).from_sample_ce(ce_per_sample(logits, labels))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "batch"])
+def test_focal_from_sample_ce_matches_formula(reduction):
+    logits, labels = batch()
+    ce = ce_per_sample(logits, labels)
+    c = ce.mean() if reduction == "batch" else ce
+    want = ((1 - torch.exp(-c)) ** 2.0 * c).mean()
+    got = losses.build("focal", gamma=2.0, reduction=reduction).from_sample_ce(ce)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -76,13 +76,22 @@ def _single_device(device: str) -> torch.device:
     return dev
 
 
+_WAIT_GROUP: list = []  # the gloo group barriers use, created on first use, dropped by cleanup()
+WAIT_TIMEOUT = datetime.timedelta(days=7)
+
+
 def barrier(info: DistInfo, device: torch.device) -> None:
-    """Wait until every rank gets here (no-op in one process)."""
-    if info.distributed:
-        if device.type == "cuda":
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
+    """Wait until every rank gets here, however long that takes (no-op in one process).
+
+    Used while rank 0 evaluates or writes a checkpoint, which may take longer than the
+    process group's timeout: the wait runs on a separate gloo group (CPU, no NCCL
+    watchdog) whose timeout is a week. If rank 0 dies instead, torchrun stops the job.
+    """
+    if not info.distributed:
+        return
+    if not _WAIT_GROUP:
+        _WAIT_GROUP.append(dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    dist.barrier(group=_WAIT_GROUP[0])
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
@@ -105,5 +114,6 @@ def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float
 
 def cleanup() -> None:
     """Leave the process group (if one was joined), so the process exits without warnings."""
+    _WAIT_GROUP.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

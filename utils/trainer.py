@@ -144,15 +144,20 @@ class Trainer:
         return next(i for i, p in enumerate(params) if p is self.head.weight)
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything to resume, independent of the world size. Collective under Partial FC (all ranks call it)."""
+        """Everything to resume, independent of the world size.
+
+        Collective under Partial FC (all ranks call it); only rank 0's copy is complete
+        (the full centre matrix is gathered there alone, not duplicated on every GPU).
+        """
         head = self.head.state_dict()
         optimizer = self.optimizer.state_dict()
-        if self.sharded:  # gather the sharded centres and their momentum into full matrices
-            head["weight"] = self.head.full_weight_state()
+        if self.sharded:  # gather the sharded centres and their momentum into full matrices, on rank 0 only
+            head["weight"] = self.head.full_weight_state(dst=0)
             idx = self._centre_index()
             buf = optimizer["state"].get(idx, {}).get("momentum_buffer")
             if buf is not None:
-                optimizer["state"][idx] = dict(optimizer["state"][idx], momentum_buffer=self.head.gather_rows(buf))
+                optimizer["state"][idx] = dict(optimizer["state"][idx],
+                                               momentum_buffer=self.head.gather_rows(buf, dst=0))
         return {"step": self.step, "model": self.model.state_dict(), "head": head,
                 "criterion": self.criterion.state_dict(), "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
@@ -246,6 +251,8 @@ class Trainer:
                         loss = loss + out.extra_loss.mean()
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
+        if self.use_scaler and self.sharded and self.dist.distributed:
+            self._agree_on_overflow()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             self._clip_gradients(self.cfg.grad_clip)
@@ -253,6 +260,17 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         return total
+
+    def _agree_on_overflow(self) -> None:
+        """fp16: every rank must skip a step whose gradients overflowed on any rank.
+
+        DDP gives all ranks the same backbone gradients, but Partial FC's centre shards are
+        local: an inf in one shard would make only that rank skip the step (and lower its
+        loss scale). Spreading the inf to every shard makes GradScaler decide alike everywhere.
+        """
+        grad = self.head.weight.grad
+        if grad is not None and dist_utils.any_rank(not bool(torch.isfinite(grad).all()), self.dist, self.device):
+            grad.fill_(float("inf"))
 
     def _clip_gradients(self, max_norm: float) -> None:
         """Clip the norm of the whole gradient to `max_norm`, as one process would.
