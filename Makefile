@@ -35,6 +35,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_eval.py
 	$(PY) benchmarks/bench_backbones.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_partial_fc.py
 
 clean:
 	rm -rf $(RUN) $(DATA) .pytest_cache
