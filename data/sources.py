@@ -123,6 +123,43 @@ class FolderSource:
         return os.path.join(self.path, self.files[index])
 
 
+def _is_lst(path: str) -> bool:
+    return path.endswith(".lst") and os.path.isfile(path)
+
+
+@register_source("lst", _is_lst)
+class LstSource:
+    """An im2rec list file: images read from disk (paths relative to the list's folder, or
+    ``root``), labels from the list's first label column. ``num_classes`` is the count in a
+    ``property`` file beside the list when there is one, else max label + 1."""
+
+    def __init__(self, path: str, root: str | None = None) -> None:
+        from data.facerec import read_property  # local: keeps import of this module light
+        from data.lst import read_lst
+
+        lst = read_lst(path, root)
+        self.path = path
+        self.files = lst.paths
+        self.lines = lst.lines
+        self.labels = lst.labels
+        self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+        prop = os.path.join(os.path.dirname(os.path.abspath(path)), "property")
+        self.num_classes = read_property(prop)[0] if os.path.isfile(prop) else len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> bytes:
+        try:
+            with open(self.files[index], "rb") as fh:
+                return fh.read()
+        except OSError as exc:
+            raise DataSourceError(f"{self.describe(index)}: cannot read ({exc.strerror or exc})") from None
+
+    def describe(self, index: int) -> str:
+        return f"{self.files[index]} ({self.path} line {int(self.lines[index])})"
+
+
 def open_source(path: str) -> FaceSource:
     """Open one training data path with the first source kind that recognises it."""
     if not os.path.exists(path):
@@ -133,7 +170,7 @@ def open_source(path: str) -> FaceSource:
             check_labels(source)
             return source
     raise DataSourceError(f"{path}: not a training source (expected a folder with train.rec, a .rec file, "
-                          f"or an image folder root/<class>/*.jpg)")
+                          f"an image folder root/<class>/*.jpg, or an im2rec .lst file)")
 
 
 def check_labels(source: FaceSource) -> None:

@@ -169,3 +169,26 @@ def test_evaluate_wrong_shape_weights_is_one_line(capsys, tiny_pack, tmp_path):
     _one_line_error(capsys, evaluate.main, [str(tmp_path / "bad.pth"), "--backbone", "mobilefacenet",
                                             "--data", tiny_pack, "--no-progress"],
                     "evaluate.py: error:", "bad.pth", "wrong shape", "linear.weight")
+
+
+def test_resume_auto_starts_fresh_then_resumes(tiny_pack, tmp_path):
+    """What torchrun --max-restarts and requeued jobs rely on: the same command line twice."""
+    out = str(tmp_path / "run")
+    args = ["--data", tiny_pack, "--output", out, "--batch-size", "12", "--num-workers", "0", "--no-progress",
+            "--eval-every", "-1", "--resume", "auto", "--backbone", "mobilefacenet"]
+    assert train.main(args + ["--max-steps", "1"]) == 0
+    assert train.main(args + ["--max-steps", "2"]) == 0
+    log = open(os.path.join(out, "train.log")).read()
+    assert log.count("resumed from") == 1 and "at step 1" in log
+    assert ckpt_step(out) == 2
+
+
+def ckpt_step(run):
+    from utils.checkpoint import load_training_checkpoint
+
+    return load_training_checkpoint(run)["step"]
+
+
+def test_bad_sample_rate_is_one_line(capsys, tiny_pack, tmp_path):
+    _one_line_error(capsys, train.main, ["--data", tiny_pack, "--output", str(tmp_path / "r"), "--sample-rate",
+                                         "0.5"], "--partial-fc")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 import os
 import signal
 import time
@@ -118,6 +119,7 @@ class Trainer:
         self.history: Dict[str, List[Any]] = {"step": [], "loss": [], "lr": [], "eval": []}
         self._tb = None
         self._signal: int | None = None
+        self._data: DataLoader | None = None
 
     def _wrap(self, data_parallel: bool) -> nn.Module:
         """The module the step calls: compiled backbone, dense head inside, DDP or DataParallel around."""
@@ -206,10 +208,20 @@ class Trainer:
 
     # ------------------------------------------------------------------- loop
     def _loader(self) -> DataLoader:
-        nw = self.cfg.num_workers
-        return DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", worker_init_fn=worker_init if nw else None,
-                          persistent_workers=False, prefetch_factor=4 if nw else None)
+        """One DataLoader for the whole run; its workers live across epochs (the sampler is re-read per epoch).
+
+        Workers start from a forkserver, not a fork of this process: a fork copies the state of
+        threads that do not exist in the child (OpenCV's pool after the .bin decoding, OpenMP),
+        and a worker touching it can hang forever. The price is a few seconds of start-up, once.
+        """
+        if self._data is None:
+            nw = self.cfg.num_workers
+            ctx = "forkserver" if nw and "forkserver" in multiprocessing.get_all_start_methods() else None
+            self._data = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
+                                    pin_memory=self.device.type == "cuda", worker_init_fn=worker_init if nw else None,
+                                    persistent_workers=nw > 0, prefetch_factor=4 if nw else None,
+                                    multiprocessing_context=ctx)
+        return self._data
 
     def _flip_masks(self) -> torch.Tensor:
         """(K, B) flip coins of this rank's micro-batches, sliced from the global batch's coins.
@@ -475,6 +487,7 @@ class Trainer:
                     self.save(config)
         finally:
             bar.close()
+            self._data = None  # stops the persistent workers
             if self._tb is not None:
                 self._tb.close()
         if stopped is not None and main:

@@ -1,0 +1,157 @@
+"""prepare_data.py inspect: packs and .bin files built by hand from FORMATS.md, good ones and planted faults."""
+
+import json
+import pickle
+import struct
+
+import cv2
+import numpy as np
+import pytest
+
+import prepare_data
+
+M = struct.pack("<I", 0xCED7230A)
+
+
+def jpeg(seed: int) -> bytes:
+    img = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", img)[1].tobytes()
+
+
+def record(label, payload: bytes = b"") -> bytes:
+    """IRHeader '<IfQQ' (+ float32 labels for a list label) + payload."""
+    if isinstance(label, list):
+        return struct.pack("<IfQQ", len(label), 0.0, 0, 0) + struct.pack(f"<{len(label)}f", *label) + payload
+    return struct.pack("<IfQQ", 0, float(label), 0, 0) + payload
+
+
+def chunk(data: bytes) -> bytes:
+    assert M not in data  # the test payloads never need splitting
+    return M + struct.pack("<I", len(data)) + data + b"\0" * (-len(data) % 4)
+
+
+def write_rec(folder, records: dict, prop: str | None) -> dict:
+    """Write train.rec/.idx (+ property); returns key -> byte offset."""
+    folder.mkdir(exist_ok=True)
+    blob, offsets = b"", {}
+    for key, data in records.items():
+        offsets[key] = len(blob)
+        blob += chunk(data)
+    (folder / "train.rec").write_bytes(blob)
+    (folder / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in offsets.items()))
+    if prop is not None:
+        (folder / "property").write_text(prop)
+    return offsets
+
+
+def insightface(folder, payloads=None) -> dict:
+    """Two classes of three 16x16 JPEGs: header 0, images 1..6, identity records 7, 8."""
+    payloads = payloads or {k: jpeg(k) for k in range(1, 7)}
+    recs = {0: record([7, 9])}
+    recs.update({k: record((k - 1) // 3, payloads[k]) for k in range(1, 7)})
+    recs.update({7: record([1, 4]), 8: record([4, 7])})
+    return write_rec(folder, recs, "2,16,16\n")
+
+
+def inspect(capsys, *argv):
+    code = prepare_data.main(["inspect", *map(str, argv), "--no-progress", "--no-plot"])
+    return code, capsys.readouterr().out
+
+
+def test_good_pack_exits_0_with_counts_and_plot(tmp_path, capsys):
+    insightface(tmp_path / "pack")
+    code = prepare_data.main(["inspect", str(tmp_path / "pack"), "--full", "--no-progress",
+                              "--plot", str(tmp_path / "c.png"), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "insightface layout, 6 images, 2 classes (labels 0..1)" in out and "no problems" in out
+    report = json.load(open(tmp_path / "r.json"))[0]
+    assert report["per_class"] == {"min": 3, "median": 3.0, "max": 3}
+    assert report["sizes"] == {"16x16": 6} and report["formats"] == {"jpeg": 6}
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_magic_in_the_middle_is_named(tmp_path, capsys):
+    offsets = insightface(tmp_path / "pack")
+    rec = tmp_path / "pack" / "train.rec"
+    data = bytearray(rec.read_bytes())
+    data[offsets[4]:offsets[4] + 4] = b"\0\0\0\0"
+    rec.write_bytes(bytes(data))
+    code, out = inspect(capsys, tmp_path / "pack", "--full")
+    assert code == 1 and "train.rec record 4 at byte" in out and "bad magic 0x00000000" in out
+
+
+def test_truncated_rec_names_the_cut_record(tmp_path, capsys):
+    offsets = insightface(tmp_path / "pack")
+    rec = tmp_path / "pack" / "train.rec"
+    rec.write_bytes(rec.read_bytes()[:offsets[5] + 20])  # record 5 cut inside its payload
+    code, out = inspect(capsys, tmp_path / "pack", "--full")
+    assert code == 1 and "train.rec record 5 at byte" in out and "truncated record" in out
+    assert "train.rec record 6 at byte" in out and "past the end of the file" in out
+
+
+def test_truncated_rec_without_full_is_one_problem_not_a_traceback(tmp_path, capsys):
+    offsets = insightface(tmp_path / "pack")
+    rec = tmp_path / "pack" / "train.rec"
+    rec.write_bytes(rec.read_bytes()[:offsets[5] + 20])
+    code, out = inspect(capsys, tmp_path / "pack")
+    assert code == 1 and "PROBLEM" in out and "train.rec record 6" in out and "--full" in out
+
+
+def test_undecodable_payload_is_named(tmp_path, capsys):
+    payloads = {k: jpeg(k) for k in range(1, 7)}
+    payloads[3] = b"\xff\xd8\xff\xe0 not really a jpeg"
+    insightface(tmp_path / "pack", payloads)
+    code, out = inspect(capsys, tmp_path / "pack", "--full")
+    assert code == 1 and "train.rec record 3: undecodable image" in out
+
+
+def test_label_beyond_property_is_named(tmp_path, capsys):
+    write_rec(tmp_path / "pack", {k: record(label, jpeg(k)) for k, label in enumerate([0, 1, 2, 9])}, "3,16,16")
+    code, out = inspect(capsys, tmp_path / "pack", "--full")
+    assert code == 1 and "plain layout" in out and "train.rec record 3: label 9 >= 3 classes" in out
+
+
+def test_identity_record_disagreeing_with_image_label_is_named(tmp_path, capsys):
+    recs = {0: record([7, 9])}
+    recs.update({k: record(0 if k < 4 else 1, jpeg(k)) for k in range(1, 7)})
+    recs[4] = record(0, jpeg(4))  # image 4 says class 0, identity record 8 puts it in class 1
+    recs.update({7: record([1, 4]), 8: record([4, 7])})
+    write_rec(tmp_path / "pack", recs, "2,16,16")
+    code, out = inspect(capsys, tmp_path / "pack", "--full")
+    assert code == 1 and "record 4: image label 0 but identity record 8 puts it in class 1" in out
+
+
+def write_bin(path, payloads, issame):
+    path.write_bytes(pickle.dumps((payloads, issame), protocol=2))
+
+
+def test_bin_reports_pairs_and_balance(tmp_path, capsys):
+    write_bin(tmp_path / "lfw.bin", [jpeg(i) for i in range(10)], [True, True, True, False, False])
+    code, out = inspect(capsys, tmp_path / "lfw.bin")
+    assert code == 0 and "5 pairs (3 same, 2 different), items: bytes x10" in out
+    assert "checked 10 of 10 images: sizes 16x16 x10; formats jpeg x10" in out
+
+
+def test_bin_undecodable_item_is_named(tmp_path, capsys):
+    items = [jpeg(i) for i in range(4)]
+    items[3] = b"garbage"
+    write_bin(tmp_path / "x.bin", items, [True, False])
+    code, out = inspect(capsys, tmp_path / "x.bin", "--full")
+    assert code == 1 and "x.bin item 3 (pair 1): undecodable image" in out
+
+
+def test_dataset_folder_reports_every_file(tmp_path, capsys):
+    insightface(tmp_path / "pack")
+    write_bin(tmp_path / "pack" / "agedb_30.bin", [jpeg(i) for i in range(4)], [True, False])
+    (tmp_path / "pack" / "cfp_fp.bin").write_bytes(b"not a pickle")
+    code, out = inspect(capsys, tmp_path / "pack")
+    assert code == 1
+    assert "agedb_30.bin: 2 pairs" in out and "cfp_fp.bin: unreadable" in out and "train.rec: insightface" in out
+    assert "inspect: 3 file(s)" in out
+
+
+def test_missing_path_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        prepare_data.main(["inspect", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "nope" in err
