@@ -20,6 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from utils.atomic import write_bytes
+
 _ALLOWED_WHAT = "only image bytes, numpy uint8 arrays and bool lists are allowed"
 
 
@@ -221,12 +223,4 @@ def write_bin(
         data = _py2_pickle(payloads, flags)
     else:
         raise ValueError(f"write_bin kind must be 'bytes', 'ndarray' or 'py2str', got {kind!r}")
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_bytes(path, data, fsync=True)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from data.bins import BinFormatError, decode_bin, load_bin
 from data.facerec import FaceRec
 from data.recordio import RecordIOError, RecordReader, unpack_irheader
-from utils.atomic import write_atomic
+from utils.atomic import write_atomic, write_bytes
 
 # Image formats by magic bytes: (extension, ((offset, bytes), ...)) - every (offset, bytes) must match.
 _SIGNATURES: tuple[tuple[str, tuple[tuple[int, bytes], ...]], ...] = (
@@ -74,23 +74,6 @@ def payload_extension(payload: bytes) -> str:
 def _digits(largest: int) -> int:
     """Zero-padding width that keeps name order equal to numeric order for 0..largest."""
     return len(str(max(int(largest), 0)))
-
-
-def _write_file(path: str, data: bytes) -> None:
-    """Write ``data`` under a temp name beside ``path``, then rename: ``path`` appears only complete.
-
-    No fsync per file (it would cost hours on millions of images); a process that is killed
-    leaves at most a hidden temp file, which the next run overwrites.
-    """
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def reencode_image(payload: bytes, fmt: str, jpeg_quality: int = 95) -> bytes | None:
@@ -193,7 +176,7 @@ class _RecUnpacker:
                 else:
                     data, ext = payload, payload_extension(payload)
                 name = f"{label:0{self.class_w}d}/{key:0{self.key_w}d}{ext}"
-                _write_file(os.path.join(self.out_dir, name), data)
+                write_bytes(os.path.join(self.out_dir, name), data)
                 nbytes += len(data)
                 formats[ext] += 1
         finally:
@@ -316,7 +299,7 @@ def unpack_bin(bin_path: str | os.PathLike, out_dir: str | os.PathLike, npy: boo
         data = _bin_item_bytes(item)
         ext = payload_extension(data)
         names.append(f"{i:0{width}d}{ext}")
-        _write_file(os.path.join(out_dir, names[-1]), data)
+        write_bytes(os.path.join(out_dir, names[-1]), data)
         nbytes += len(data)
         formats[ext] += 1
     write_pairs(os.path.join(out_dir, "pairs.txt"),

@@ -10,6 +10,7 @@ import pytest
 
 import prepare_data
 from data.pairs import PairsError, make_bin, parse_pairs
+from tests.cli_helpers import one_line_error
 
 Image = pytest.importorskip("PIL.Image")  # an independent decoder (pillow comes with matplotlib)
 
@@ -133,14 +134,6 @@ def test_cli_make_bin_summary_line(capsys, tmp_path, mixed):
     assert len(out.splitlines()) == 1 and "3 pairs (1 same)" in out
 
 
-def one_line_error(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as e:
-        prepare_data.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_cli_make_bin_malformed_pairs(capsys, tmp_path, mixed):

@@ -14,6 +14,7 @@ from data.bins import load_bin, write_bin
 from data.pairs import make_bin
 from data.recordio import RecordIOError
 from data.unpack import payload_extension, unpack_bin, unpack_dataset, unpack_rec
+from tests.cli_helpers import one_line_error
 
 Image = pytest.importorskip("PIL.Image")  # an independent decoder (pillow comes with matplotlib)
 
@@ -304,14 +305,6 @@ def test_unpack_dataset_needs_rec_or_bins(tmp_path):
 # ------------------------------------------------------------------------------- one-line errors
 
 
-def one_line_error(capsys, argv, *needles):
-    with pytest.raises(SystemExit) as e:
-        prepare_data.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
 
 
 def test_cli_missing_rec(capsys, tmp_path):

@@ -28,6 +28,28 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def write_bytes(path: str, data: bytes, fsync: bool = False) -> None:
+    """Write `data` under a hidden temp name beside `path`, then rename: `path` appears only complete.
+
+    Without `fsync` (the default here, for writers of millions of small files, where it would
+    cost hours) a crash can lose the newest files but never leaves a torn one under its name;
+    the temp name is unique per process, so parallel writers do not collide.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_atomic(path: str, writer: Callable[[str], Any]) -> None:
     """Call `writer(tmp_path)` and move the result onto `path` atomically."""
     with atomic_path(path) as tmp:
