@@ -210,8 +210,11 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     head = build_head(cfg, dataset.num_classes)
     criterion = build_loss(cfg)
     if cfg.partial_fc:
-        head = PartialFC(head, criterion, sample_rate=cfg.sample_rate, rank=info.rank,
-                         world_size=info.world_size, seed=cfg.seed)
+        try:
+            head = PartialFC(head, criterion, sample_rate=cfg.sample_rate, rank=info.rank,
+                             world_size=info.world_size, seed=cfg.seed)
+        except (TypeError, ValueError) as exc:  # e.g. a head with a bias, a loss without from_sample_ce
+            raise ConfigError(f"--partial-fc: {exc}") from None
     data_parallel = (not info.distributed and device.type == "cuda" and cfg.data_parallel
                      and torch.cuda.device_count() > 1 and device.index is None)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6

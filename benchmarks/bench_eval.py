@@ -135,8 +135,12 @@ def bench_embedding(args) -> dict:
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (args.embed_images, 112, 112, 3), dtype=np.uint8)
     out = {"threads": torch.get_num_threads(), "images": args.embed_images, "batch_size": args.embed_batch}
+    from benchmarks.bench_backbones import calibrate_bn
+
     for name in args.embed_backbones.split(","):
-        model = backbones.build(name, embedding_size=512).eval().to(memory_format=torch.channels_last)
+        model = backbones.build(name, embedding_size=512)
+        calibrate_bn(model)  # a fresh net's eval activations decay into denormals, slow on CPUs: not a real model
+        model = model.eval().to(memory_format=torch.channels_last)
         embed(model, images[: args.embed_batch], batch_size=args.embed_batch, tta="sum")  # warm-up
         row = {}
         for tta in ("sum", "none"):
