@@ -52,12 +52,15 @@ def plot_roc(curves: Dict[str, Dict[str, Any]], path: str, title: str = "ROC") -
     `curves` maps target name -> {"fpr": [...], "tpr": [...], "accuracy": fraction}.
     The axes zoom onto where the curves differ: good models all sit near TAR = 1,
     so the TAR axis starts a little below the lowest TAR at the smallest FAR the
-    sets can resolve (one false accept), and the FAR axis at half that FAR.
+    sets can resolve (one false accept), and the FAR axis at half that FAR. Curves
+    that coincide (several sets at TAR = 1) stay visible: the first ones are drawn
+    wider and the line styles alternate.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
     smallest_far, lowest_tar = 1e-3, 1.0
-    for name, c in curves.items():
+    styles = ("-", "--", "-.", ":")
+    for k, (name, c) in enumerate(curves.items()):
         fpr, tpr = np.asarray(c["fpr"], dtype=float), np.asarray(c["tpr"], dtype=float)
         if fpr.size == 0:
             continue
@@ -67,7 +70,9 @@ def plot_roc(curves: Dict[str, Dict[str, Any]], path: str, title: str = "ROC") -
             smallest_far = min(smallest_far, far0)
             lowest_tar = min(lowest_tar, float(tpr[fpr <= far0].max()))
         label = f"{name} ({100 * c['accuracy']:.2f}%)" if c.get("accuracy") is not None else name
-        ax.plot(np.maximum(fpr, 1e-9), tpr, label=label, drawstyle="steps-post")
+        # sets that reach TAR = 1 lie on top of each other: earlier ones wider, styles alternating
+        ax.plot(np.maximum(fpr, 1e-9), tpr, label=label, drawstyle="steps-post",
+                linewidth=max(1.2, 3.2 - 0.35 * k), linestyle=styles[k % len(styles)])
     ax.set_xscale("log")
     ax.set_xlim(max(smallest_far / 2, 1e-6), 1.0)
     ax.set_ylim(max(0.0, np.floor((lowest_tar - 0.02) * 20) / 20), 1.002)
