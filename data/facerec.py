@@ -56,7 +56,9 @@ class FaceRec:
     Picklable and safe in DataLoader workers (see :class:`RecordReader`).
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 progress: bool = True):
+        self.progress = progress  # a bar while reading labels from 10k+ image headers (plain packs)
         self.reader = RecordReader(rec_path, idx_path)
         self.rec_path = self.reader.rec_path
         if len(self.reader) == 0:
@@ -144,7 +146,7 @@ class FaceRec:
         """Class id per image from its IRHeader (first label value); reads 28 bytes per record."""
         labels = np.empty(len(keys), dtype=np.int64)
         bar = tqdm(total=len(keys), desc=f"labels {os.path.basename(self.rec_path)}", unit="img",
-                   disable=len(keys) < _PROGRESS_MIN)
+                   disable=not self.progress or len(keys) < _PROGRESS_MIN)
         for i, key in enumerate(keys.tolist()):
             head = self.reader.read_prefix(key, IR_SIZE + 4)
             if len(head) < IR_SIZE:

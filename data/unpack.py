@@ -208,7 +208,7 @@ def unpack_rec(
     t0 = time.perf_counter()
     if reencode is not None and reencode not in _ENCODERS:
         raise ValueError(f"reencode must be one of {', '.join(_ENCODERS)} or None, got {reencode!r}")
-    rec = FaceRec(resolve_rec(rec_path))
+    rec = FaceRec(resolve_rec(rec_path), progress=progress)
     out_dir = os.fspath(out_dir)
     keys = np.asarray(rec.image_keys, dtype=np.int64)
     labels = np.asarray(rec.labels, dtype=np.int64)
