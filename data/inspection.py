@@ -18,13 +18,13 @@ import numpy as np
 from tqdm import tqdm
 
 from data.bins import BinFormatError, load_bin
-from data.facerec import FaceRec, read_property
-from data.pack import decode_bgr, image_format
+from data.facerec import _IMAGE_MAGICS, FaceRec, read_property
+from data.imageformat import image_format
+from data.pack import decode_bgr
 from data.recordio import RecordIOError, RecordReader, read_idx, scan_offsets, unpack_irheader
 from data.sources import DataSourceError
 
 MAX_PROBLEMS = 1000  # problems kept per file (the total is counted): a wrong property can flag every record
-_IMAGE_MAGICS = (b"\xff\xd8", b"\x89PNG")
 # pair counts of the published insightface files (FORMATS.md)
 KNOWN_PAIRS = {"lfw": 6000, "agedb_30": 6000, "calfw": 6000, "cplfw": 6000, "cfp_ff": 7000, "cfp_fp": 7000,
                "vgg2_fp": 5000}

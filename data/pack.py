@@ -36,29 +36,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.imageformat import image_format
 from data.sources import SOURCES, DataSourceError, FaceSource, check_labels, open_source
 from utils.atomic import write_text
 
-# (format name, magic test) in the order they are tried; the name is what inspect reports
-_FORMATS = (
-    ("jpeg", lambda b: b[:3] == b"\xff\xd8\xff"),
-    ("png", lambda b: b[:8] == b"\x89PNG\r\n\x1a\n"),
-    ("bmp", lambda b: b[:2] == b"BM"),
-    ("webp", lambda b: b[:4] == b"RIFF" and b[8:12] == b"WEBP"),
-    ("gif", lambda b: b[:6] in (b"GIF87a", b"GIF89a")),
-    ("tiff", lambda b: b[:4] in (b"II*\0", b"MM\0*")),
-)
 _SHOW = 20  # problems listed on the terminal; all of them go to skipped.txt
 
 
 class PackError(DataSourceError):
     """Input that cannot be packed at all (no images, bad options); one line naming it."""
-
-
-def image_format(payload: bytes) -> str:
-    """'jpeg', 'png', 'bmp', 'webp', 'gif', 'tiff' from the magic bytes, else 'unknown'."""
-    head = bytes(payload[:12])
-    return next((name for name, test in _FORMATS if test(head)), "unknown")
 
 
 def decode_bgr(payload: bytes) -> np.ndarray | None:

@@ -32,23 +32,9 @@ from tqdm import tqdm
 
 from data.bins import BinFormatError, decode_bin, load_bin
 from data.facerec import FaceRec
+from data.imageformat import KNOWN_EXTENSIONS, payload_extension
 from data.recordio import RecordIOError, RecordReader, unpack_irheader
 from utils.atomic import write_atomic, write_bytes
-
-# Image formats by magic bytes: (extension, ((offset, bytes), ...)) - every (offset, bytes) must match.
-_SIGNATURES: tuple[tuple[str, tuple[tuple[int, bytes], ...]], ...] = (
-    (".jpg", ((0, b"\xff\xd8\xff"),)),
-    (".png", ((0, b"\x89PNG\r\n\x1a\n"),)),
-    (".webp", ((0, b"RIFF"), (8, b"WEBP"))),
-    (".gif", ((0, b"GIF87a"),)),
-    (".gif", ((0, b"GIF89a"),)),
-    (".bmp", ((0, b"BM"),)),
-    (".tif", ((0, b"II*\x00"),)),
-    (".tif", ((0, b"MM\x00*"),)),
-    (".jp2", ((0, b"\x00\x00\x00\x0cjP  \r\n\x87\n"),)),
-)
-UNKNOWN_EXTENSION = ".dat"  # payload bytes that match no image signature (written as they are)
-_KNOWN_EXTENSIONS = frozenset(ext for ext, _ in _SIGNATURES) | {UNKNOWN_EXTENSION}
 
 # --format choices: name -> (extension, OpenCV imencode params for a JPEG quality)
 _ENCODERS: dict[str, tuple[str, Callable[[int], list[int]]]] = {
@@ -57,18 +43,6 @@ _ENCODERS: dict[str, tuple[str, Callable[[int], list[int]]]] = {
 }
 REENCODE_FORMATS = tuple(_ENCODERS)
 _CHUNK = 512  # images per task handed to a worker (bounds progress-bar latency)
-
-
-def payload_extension(payload: bytes) -> str:
-    """File extension ('.jpg', '.png', '.webp', ...) of encoded image bytes, from their magic bytes.
-
-    Bytes that match no known image signature get ``UNKNOWN_EXTENSION`` ('.dat').
-    """
-    head = bytes(payload[:16])
-    for ext, parts in _SIGNATURES:
-        if all(head[off:off + len(magic)] == magic for off, magic in parts):
-            return ext
-    return UNKNOWN_EXTENSION
 
 
 def _digits(largest: int) -> int:
@@ -127,7 +101,7 @@ def _present(out_dir: str, keys: np.ndarray, labels: np.ndarray, class_w: int, k
                     stem, ext = os.path.splitext(f.name)
                     if not stem.isdigit() or stem != f"{int(stem):0{key_w}d}":
                         continue
-                    if (ext == suffix if suffix else ext in _KNOWN_EXTENSIONS) and f.stat().st_size > 0:
+                    if (ext == suffix if suffix else ext in KNOWN_EXTENSIONS) and f.stat().st_size > 0:
                         found_keys.append(int(stem))
                         found_labels.append(label)
     if not found_keys:

@@ -16,14 +16,18 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-_JPEG = b"\xff\xd8"
+
+def _is_jpeg(payload: torch.Tensor) -> bool:
+    from data.imageformat import image_format
+
+    return image_format(bytes(payload[:16].tolist())) == "jpeg"
 
 
 def _one(payload: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     try:
-        if bytes(payload[:2].tolist()) == _JPEG:
+        if _is_jpeg(payload):
             return decode_jpeg(payload, mode=ImageReadMode.RGB, device=device)
         return decode_image(payload, mode=ImageReadMode.RGB).to(device)
     except RuntimeError:
@@ -40,7 +44,7 @@ def decode_batch(payloads: List[torch.Tensor], device: torch.device,
 
     images: List[torch.Tensor | None]
     try:
-        if not all(bytes(p[:2].tolist()) == _JPEG for p in payloads):
+        if not all(_is_jpeg(p) for p in payloads):
             raise RuntimeError("not all JPEG")
         images = list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:  # a PNG or a damaged payload in the batch: one by one
