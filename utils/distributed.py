@@ -89,18 +89,27 @@ def barrier(info: DistInfo, device: torch.device) -> None:
     """
     if not info.distributed:
         return
+    dist.barrier(group=_wait_group())
+
+
+def _wait_group():
+    """The CPU (gloo) group for barriers and flags, created on first use by every rank at once."""
     if not _WAIT_GROUP:
         _WAIT_GROUP.append(dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
-    dist.barrier(group=_WAIT_GROUP[0])
+    return _WAIT_GROUP[0]
 
 
 def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on at least one (e.g. "a stop signal arrived")."""
+    """True on every rank if ``flag`` is true on at least one (e.g. "a stop signal arrived").
+
+    Called every step: it runs on the CPU gloo group, so the GPU queue is not drained
+    (a CUDA tensor's ``.item()`` would make the host wait for every queued kernel).
+    """
     if not info.distributed:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_wait_group())
+    return bool(t.item())
 
 
 def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float:
