@@ -8,7 +8,8 @@ returned with label -1, dropped by `collate`, and counted by the trainer.
 from __future__ import annotations
 
 import signal
-from typing import List, Sequence, Tuple
+import weakref
+from typing import Any, List, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -149,3 +150,19 @@ def worker_init(_: int) -> None:
     cv2.setNumThreads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(loader: Any) -> None:
+    """Shut a DataLoader's persistent workers down now (they exit on their queue's end mark).
+
+    Needed because the workers ignore SIGTERM (see `worker_init`): left to the garbage
+    collector, a loader kept alive by a traceback outlives the interpreter's own exit
+    hook, which then SIGTERMs the workers and waits for them forever. Accepts a weak
+    reference too (for atexit); a loader that never started workers is left alone.
+    """
+    if isinstance(loader, weakref.ref):
+        loader = loader()
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None

@@ -20,6 +20,24 @@ def pytest_configure(config):
     os.environ["FACETRAIN_CACHE"] = config._facetrain_cache
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Fail, rather than hang, when a test left worker processes behind.
+
+    Loader workers ignore SIGTERM, so the interpreter's exit hook (terminate, then join every
+    child) would wait for them forever: kill them and fail the run with their names instead.
+    """
+    import multiprocessing
+
+    left = [p for p in multiprocessing.active_children() if p.is_alive()]
+    for p in left:
+        p.kill()
+        p.join(timeout=10)
+    if left:
+        names = ", ".join(f"{p.name} (pid {p.pid})" for p in left)
+        session.config.get_terminal_writer().line(f"\ntests left child processes running: {names}", red=True)
+        session.exitstatus = 1
+
+
 def pytest_unconfigure(config):
     import shutil
 

@@ -17,12 +17,15 @@ Rank 0 logs, evaluates and writes; the others wait at a barrier.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import math
 import multiprocessing
 import os
 import signal
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -30,7 +33,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import FaceDataset, ResumableBatchSampler, collate, worker_init
+from data.dataset import FaceDataset, ResumableBatchSampler, collate, stop_workers, worker_init
 from data.sources import DataSourceError
 from utils import checkpoint as ckpt
 from utils import distributed as dist_utils
@@ -120,6 +123,7 @@ class Trainer:
         self._tb = None
         self._signal: int | None = None
         self._data: DataLoader | None = None
+        self._stop_at_exit: Callable[[], None] | None = None
 
     def _wrap(self, data_parallel: bool) -> nn.Module:
         """The module the step calls: compiled backbone, dense head inside, DDP or DataParallel around."""
@@ -221,7 +225,19 @@ class Trainer:
                                     pin_memory=self.device.type == "cuda", worker_init_fn=worker_init if nw else None,
                                     persistent_workers=nw > 0, prefetch_factor=4 if nw else None,
                                     multiprocessing_context=ctx)
+            if nw:  # the workers must be gone before the interpreter's exit hook waits for them
+                self._stop_at_exit = functools.partial(stop_workers, weakref.ref(self._data))
+                atexit.register(self._stop_at_exit)
         return self._data
+
+    def _close_loader(self) -> None:
+        """Stop the persistent workers now, whatever still references the loader (a traceback may)."""
+        data, self._data = self._data, None
+        if data is not None:
+            stop_workers(data)
+        if self._stop_at_exit is not None:
+            atexit.unregister(self._stop_at_exit)
+            self._stop_at_exit = None
 
     def _flip_masks(self) -> torch.Tensor:
         """(K, B) flip coins of this rank's micro-batches, sliced from the global batch's coins.
@@ -487,7 +503,7 @@ class Trainer:
                     self.save(config)
         finally:
             bar.close()
-            self._data = None  # stops the persistent workers
+            self._close_loader()
             if self._tb is not None:
                 self._tb.close()
         if stopped is not None and main:
