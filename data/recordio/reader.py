@@ -1,24 +1,4 @@
-"""Pure-Python MXNet RecordIO (``.rec`` + ``.idx``), byte-compatible with dmlc-core.
-
-Why our own: the insightface training sets (MS1M, Glint360K, WebFace, CASIA) ship as
-RecordIO packs, and mxnet is no longer installable on current Pythons. Format facts
-(see shared/reference/FORMATS.md and dmlc-core's ``RecordIOWriter::WriteRecord``):
-
-- a record is stored as one or more chunks: magic ``0xced7230a`` (uint32 LE), ``lrec``
-  (uint32 LE: low 29 bits chunk length in bytes, top 3 bits ``cflag``), the chunk bytes,
-  then zero padding up to a multiple of 4 bytes;
-- the writer looks for the magic word at every 4-byte aligned offset ``i`` of the record
-  data with ``i + 4 <= len(data)``; at each hit it ends the current chunk there and
-  drops the magic word. cflag 0 = unsplit record, 1 = first chunk, 2 = middle, 3 = last.
-  A magic at offset 0 gives an empty first chunk; a magic in the last 4 bytes gives an
-  empty last chunk. Only the last chunk can need padding (the others end on a hit, which
-  is aligned). A reader joins the chunks and puts the magic word back between them;
-- the ``.idx`` line ``key<TAB>offset`` points at the record's first chunk.
-
-A record's data is an IRHeader (struct ``'<IfQQ'``: flag, label, id, id2; 24 bytes),
-``flag`` float32 labels when ``flag > 0`` (the header's label field is then 0), then the
-payload (usually JPEG bytes).
-"""
+"""Reading .rec files: the .idx index (vectorised), or a scan of the chunk headers, then random access."""
 
 from __future__ import annotations
 
@@ -26,203 +6,14 @@ import numbers
 import os
 import struct
 from array import array
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
-MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack("<I", MAGIC)
-_LEN_BITS = 29
-_LEN_MASK = (1 << _LEN_BITS) - 1
-_IR_STRUCT = struct.Struct("<IfQQ")
-IR_SIZE = _IR_STRUCT.size  # 24 bytes
+from data.recordio.format import LEN_BITS, LEN_MASK, MAGIC, MAGIC_BYTES, RecordIOError
+
 _READ_AHEAD = 16384  # bytes read with each chunk header: one pread covers a typical 112x112 JPEG
 _IDX_BLOCK = 1 << 26  # bytes of .idx text parsed per vectorised block (bounds memory)
-
-
-class RecordIOError(ValueError):
-    """A .rec/.idx file that does not follow the RecordIO format; the message names file, record and byte."""
-
-
-@dataclass(frozen=True)
-class IRHeader:
-    """The 24-byte image-record header; ``label`` is a float, or a float32 array when ``flag > 0``."""
-
-    flag: int
-    label: float | np.ndarray
-    id: int = 0
-    id2: int = 0
-
-
-def pack_irheader(header: IRHeader, payload: bytes) -> bytes:
-    """Record data for ``header`` + ``payload``, as ``mxnet.recordio.pack`` builds it.
-
-    A scalar label is stored in the header with flag 0 (a given flag is ignored, as in
-    mxnet). An array or list label (any length) is stored as ``flag = len(label)`` float32
-    values after the header, whose own label field is then 0.
-    """
-    label = header.label
-    if isinstance(label, numbers.Number) or (isinstance(label, np.ndarray) and label.ndim == 0):
-        flag, head_label, extra = 0, float(label), b""
-    else:
-        values = np.asarray(label, dtype="<f4").reshape(-1)
-        flag, head_label, extra = int(values.size), 0.0, values.tobytes()
-    try:
-        head = _IR_STRUCT.pack(flag, head_label, header.id, header.id2)
-    except struct.error as exc:
-        raise ValueError(f"cannot pack IRHeader {header!r}: {exc}") from exc
-    return head + extra + bytes(payload)
-
-
-def unpack_irheader(record: bytes) -> tuple[IRHeader, bytes]:
-    """Split record data into its IRHeader and payload (inverse of :func:`pack_irheader`).
-
-    The label is a Python float when ``flag == 0``, else a float32 array of ``flag`` values.
-    """
-    if len(record) < IR_SIZE:
-        raise RecordIOError(f"record of {len(record)} bytes is shorter than the {IR_SIZE}-byte IRHeader")
-    flag, label, rid, rid2 = _IR_STRUCT.unpack_from(record, 0)
-    if flag == 0:
-        return IRHeader(0, float(label), rid, rid2), bytes(record[IR_SIZE:])
-    end = IR_SIZE + 4 * flag
-    if len(record) < end:
-        raise RecordIOError(
-            f"record of {len(record)} bytes is too short for its IRHeader with flag {flag} ({end} bytes needed)"
-        )
-    values = np.frombuffer(record, dtype="<f4", count=flag, offset=IR_SIZE).astype(np.float32)
-    return IRHeader(flag, values, rid, rid2), bytes(record[end:])
-
-
-def _aligned_magic_positions(data: bytes) -> np.ndarray:
-    """Byte offsets ``i % 4 == 0``, ``i + 4 <= len(data)``, where the magic word sits (dmlc's split points)."""
-    if _MAGIC_BYTES not in data:
-        return np.empty(0, dtype=np.int64)
-    words = np.frombuffer(data, dtype="<u4", count=len(data) // 4)
-    return np.flatnonzero(words == MAGIC).astype(np.int64) * 4
-
-
-def _chunk(cflag: int, body: bytes) -> bytes:
-    if len(body) > _LEN_MASK:
-        raise ValueError(f"RecordIO chunk of {len(body)} bytes exceeds the 29-bit length limit ({_LEN_MASK})")
-    return _MAGIC_BYTES + struct.pack("<I", (cflag << _LEN_BITS) | len(body)) + body
-
-
-def encode_record(data: bytes) -> bytes:
-    """The exact bytes dmlc-core's ``RecordIOWriter::WriteRecord`` puts on disk for ``data``."""
-    data = bytes(data)
-    cuts = _aligned_magic_positions(data).tolist()
-    parts = []
-    start = 0
-    for n, pos in enumerate(cuts):
-        parts.append(_chunk(1 if n == 0 else 2, data[start:pos]))
-        start = pos + 4
-    parts.append(_chunk(3 if cuts else 0, data[start:]))
-    parts.append(b"\0" * (-len(data) % 4))
-    return b"".join(parts)
-
-
-def _sync_close(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-
-
-class RecordWriter:
-    """Writes a .rec and its .idx atomically: both appear only when :meth:`close` succeeds.
-
-    ``idx_path=None`` writes ``<rec stem>.idx`` (where :class:`RecordReader` looks for it),
-    so a stale index can never sit beside a new .rec. Data goes to ``<path>.tmp`` files that
-    are renamed onto the final names on close; if a ``with`` block raises, the temp files
-    are deleted and files already at the final paths are left untouched.
-    """
-
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
-        self.rec_path = os.fspath(rec_path)
-        self.idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(self.rec_path)[0] + ".idx"
-        self._rec_tmp = self.rec_path + ".tmp"
-        self._idx_tmp = self.idx_path + ".tmp"
-        self._rec = open(self._rec_tmp, "wb")
-        try:
-            self._idx = open(self._idx_tmp, "w", encoding="ascii", newline="\n")
-        except BaseException:
-            self._rec.close()
-            os.remove(self._rec_tmp)
-            raise
-        self._pos = 0
-        self._closed = False
-
-    def write(self, key: int, record: bytes) -> int:
-        """Append one record (its data, e.g. from :func:`pack_irheader`); returns its byte offset."""
-        if self._closed:
-            raise ValueError(f"{self.rec_path}: write after close")
-        if isinstance(key, bool) or not isinstance(key, numbers.Integral) or key < 0:
-            raise ValueError(f"{self.rec_path}: record key must be a non-negative int, got {key!r}")
-        encoded = encode_record(record)
-        offset = self._pos
-        self._rec.write(encoded)
-        self._idx.write(f"{int(key)}\t{offset}\n")
-        self._pos += len(encoded)
-        return offset
-
-    def overwrite(self, offset: int, record: bytes) -> None:
-        """Replace the record written at ``offset`` by one whose encoding has the same length.
-
-        For headers whose values are known only at the end (e.g. insightface's record 0).
-        """
-        if self._closed:
-            raise ValueError(f"{self.rec_path}: overwrite after close")
-        encoded = encode_record(record)
-        self._rec.flush()
-        with open(self._rec_tmp, "rb") as f:
-            f.seek(offset)
-            old = f.read(8)
-        if len(old) < 8 or old[:4] != _MAGIC_BYTES:
-            raise ValueError(f"{self.rec_path}: no record starts at byte {offset}")
-        old_len = struct.unpack("<I", old[4:])[0] & _LEN_MASK
-        if (struct.unpack("<I", old[4:])[0] >> _LEN_BITS) != 0 or 8 + old_len + (-old_len % 4) != len(encoded):
-            raise ValueError(f"{self.rec_path}: record at byte {offset} is not an unsplit record of the same size")
-        self._rec.seek(offset)
-        self._rec.write(encoded)
-        self._rec.seek(0, os.SEEK_END)
-
-    def tell(self) -> int:
-        """Byte offset the next record will be written at."""
-        return self._pos
-
-    def close(self) -> None:
-        """Flush, fsync and rename the temp files onto the final paths (.rec first, then .idx)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            _sync_close(self._rec)
-            _sync_close(self._idx)
-        except BaseException:
-            self._closed = False
-            self.abort()
-            raise
-        os.replace(self._rec_tmp, self.rec_path)
-        os.replace(self._idx_tmp, self.idx_path)
-
-    def abort(self) -> None:
-        """Drop everything written so far; the final paths are not touched."""
-        if self._closed:
-            return
-        self._closed = True
-        for f, tmp in ((self._rec, self._rec_tmp), (self._idx, self._idx_tmp)):
-            f.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def __enter__(self) -> RecordWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _idx_error(path: str, block: bytes, pos: int, first_line: int, what: str) -> RecordIOError:
@@ -300,7 +91,7 @@ def _read_chunk_header(path: str, head: bytes, pos: int, size: int, where: str) 
     magic, lrec = struct.unpack_from("<II", head, 0)
     if magic != MAGIC:
         raise RecordIOError(f"{path} {where} at byte {pos}: bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})")
-    cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
+    cflag, length = lrec >> LEN_BITS, lrec & LEN_MASK
     if cflag > 3:
         raise RecordIOError(f"{path} {where} at byte {pos}: bad cflag {cflag} (expected 0..3)")
     need = pos + 8 + length + (-length % 4)
@@ -455,7 +246,7 @@ class RecordReader:
             if len(body) < want:
                 raise RecordIOError(f"{self.rec_path} {wpos} at byte {pos}: truncated record (file shrank?)")
             if not first:
-                parts.append(_MAGIC_BYTES)
+                parts.append(MAGIC_BYTES)
                 got += 4
             parts.append(body)
             got += len(body)
