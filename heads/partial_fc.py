@@ -265,12 +265,16 @@ class PartialFC(nn.Module):
                              f"{k} per class), got {tuple(full.shape)}")
         return full[self.start * k:self.end * k].clone()
 
-    def gather_rows(self, shard: Tensor, dst: int | None = None) -> Tensor | None:
+    def gather_rows(self, shard: Tensor, dst: int | None = None, group: Any = None) -> Tensor | None:
         """The full (C*K, ...) tensor from every rank's shard (e.g. the momentum of ``weight``).
 
         Collective: every rank of the group must call it. ``dst`` None: every rank gets the full
-        tensor; ``dst`` = r: group rank r gets it, the others None. On the device of ``shard``;
-        the receiving ranks briefly hold it twice. At W = 1 returns ``shard`` itself (detached).
+        tensor; ``dst`` = r: group rank r gets it, the others None. The receiving ranks briefly
+        hold it twice. ``group`` (default: the head's) may be a gloo group over the same ranks:
+        the rows then travel through host memory and arrive on the CPU, so no GPU ever holds
+        the full matrix (2M classes x 512 floats is 4 GB, twice over while gathering), which
+        is how checkpoints gather. Otherwise the result is on the device of ``shard``. At
+        W = 1 returns ``shard`` itself (detached).
         """
         k = self.rows_per_class
         if shard.shape[0] != (self.end - self.start) * k:
@@ -279,20 +283,27 @@ class PartialFC(nn.Module):
         shard = shard.detach()
         if self.world_size == 1:
             return shard
+        if group is None:
+            group = self.group
+        elif (dist.get_world_size(group), dist.get_rank(group)) != (self.world_size, self.rank):
+            raise ValueError(f"partial_fc: gather group (rank {dist.get_rank(group)} of {dist.get_world_size(group)}) "
+                             f"does not hold the head's ranks in order (rank {self.rank} of {self.world_size})")
+        if dist.get_backend(group) == "gloo":
+            shard = shard.cpu()
         sizes = [(end - start) * k for start, end in
                  (shard_range(self.num_classes, r, self.world_size) for r in range(self.world_size))]
         padded = shard.new_zeros((sizes[0],) + tuple(shard.shape[1:]))  # rank 0's shard is the largest
         padded[:shard.shape[0]] = shard
         parts = [torch.empty_like(padded) for _ in sizes] if dst is None or dst == self.rank else None
         if dst is None:
-            dist.all_gather(parts, padded, group=self.group)
+            dist.all_gather(parts, padded, group=group)
         else:
-            dist.gather(padded, parts, group=self.group, group_dst=dst)
+            dist.gather(padded, parts, group=group, group_dst=dst)
         return None if parts is None else torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
-    def full_weight_state(self, dst: int | None = None) -> Tensor | None:
-        """The full (C*K, D) centre matrix, as :meth:`gather_rows` (collective; ``dst`` as there)."""
-        return self.gather_rows(self.weight, dst)
+    def full_weight_state(self, dst: int | None = None, group: Any = None) -> Tensor | None:
+        """The full (C*K, D) centre matrix, as :meth:`gather_rows` (collective; ``dst``, ``group`` as there)."""
+        return self.gather_rows(self.weight, dst, group)
 
     @torch.no_grad()
     def load_full_weight(self, full: Tensor) -> None:

@@ -299,6 +299,8 @@ def _two_rank_checks(rank: int, world_size: int, x: torch.Tensor, y: torch.Tenso
     pfc.load_full_weight(full)
     out["loaded_shard"] = pfc.weight.detach().clone()
     out["gathered"] = pfc.gather_rows(pfc.shard_rows(full * 2))
+    host = dist.new_group(backend="gloo")  # as checkpoints gather: a separate CPU group, result on rank 1 only
+    out["gathered_host"] = pfc.gather_rows(pfc.shard_rows(full * 3), dst=1, group=host)
     fresh = partial("arcface", rank=rank, world_size=world_size)
     fresh.load_state_dict({"weight": full, "counter": torch.tensor(3)})
     out["state_dict_shard"] = fresh.weight.detach().clone()
@@ -412,3 +414,9 @@ def test_run_ranks_reraises_a_rank_failure_with_its_traceback():
     with pytest.raises(RankError, match=r"(?s)rank 1 of 2 failed.*Traceback.*deliberate failure on rank one"):
         run_ranks(_fail_on_rank_one, 2, init_group=False, timeout=60)
 
+
+def test_gather_over_a_separate_cpu_group_reaches_only_dst(two_ranks):
+    out0, out1 = two_ranks["ranks"]
+    assert out0["gathered_host"] is None
+    torch.testing.assert_close(out1["gathered_host"], two_ranks["full"] * 3, rtol=0, atol=0)
+    assert out1["gathered_host"].device.type == "cpu"

@@ -89,11 +89,14 @@ def barrier(info: DistInfo, device: torch.device) -> None:
     """
     if not info.distributed:
         return
-    dist.barrier(group=_wait_group())
+    dist.barrier(group=cpu_group())
 
 
-def _wait_group():
-    """The CPU (gloo) group for barriers and flags, created on first use by every rank at once."""
+def cpu_group():
+    """The CPU (gloo) group of all ranks, for barriers, flags and host-memory gathers.
+
+    Created on first use, by every rank at once (a collective); its timeout is a week.
+    """
     if not _WAIT_GROUP:
         _WAIT_GROUP.append(dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
     return _WAIT_GROUP[0]
@@ -108,7 +111,7 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     if not info.distributed:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_wait_group())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
     return bool(t.item())
 
 

@@ -153,17 +153,18 @@ class Trainer:
         """Everything to resume, independent of the world size.
 
         Collective under Partial FC (all ranks call it); only rank 0's copy is complete
-        (the full centre matrix is gathered there alone, not duplicated on every GPU).
+        (the full centre matrix is gathered there alone, through host memory, never on a GPU).
         """
         head = self.head.state_dict()
         optimizer = self.optimizer.state_dict()
-        if self.sharded:  # gather the sharded centres and their momentum into full matrices, on rank 0 only
-            head["weight"] = self.head.full_weight_state(dst=0)
+        if self.sharded:  # the sharded centres and their momentum as full matrices, in rank 0's host memory
+            group = dist_utils.cpu_group() if self.dist.distributed else None
+            head["weight"] = self.head.full_weight_state(dst=0, group=group)
             idx = self._centre_index()
             buf = optimizer["state"].get(idx, {}).get("momentum_buffer")
             if buf is not None:
                 optimizer["state"][idx] = dict(optimizer["state"][idx],
-                                               momentum_buffer=self.head.gather_rows(buf, dst=0))
+                                               momentum_buffer=self.head.gather_rows(buf, dst=0, group=group))
         return {"step": self.step, "model": self.model.state_dict(), "head": head,
                 "criterion": self.criterion.state_dict(), "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
