@@ -35,18 +35,33 @@ def save_file(obj: Any, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint (a crash then keeps one)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def load_file(path: str) -> Any:
-    """torch.load with weights_only=True: tensors and plain containers only, no code."""
+def load_file(path: str, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers only, no code.
+
+    ``mmap``: tensors stay in the file's pages until used (torch.load's mmap), so N ranks
+    resuming from one checkpoint each read only their own shard of a 2M-class centre
+    matrix, and share the page cache, instead of N full copies in host memory. Files in
+    torch's legacy (non-zip) format are read the ordinary way.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -90,7 +105,7 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     """Read `checkpoint.pt` (or the one inside a run directory)."""
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")
-    data = load_file(path)
+    data = load_file(path, mmap=os.name == "posix")  # elsewhere a mapped file could not be replaced by the next save
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a training checkpoint of this project (no format={CHECKPOINT_FORMAT!r})")
     if int(data.get("version", 0)) > VERSION:
