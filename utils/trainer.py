@@ -17,28 +17,24 @@ Rank 0 logs, evaluates and writes; the others wait at a barrier.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import functools
 import math
-import multiprocessing
 import os
 import signal
 import time
-import weakref
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import FaceDataset, ResumableBatchSampler, collate, stop_workers, worker_init
+from data.dataset import FaceDataset, ResumableBatchSampler
 from data.sources import DataSourceError
 from utils import checkpoint as ckpt
 from utils import distributed as dist_utils
 from utils.atomic import write_json
 from utils.distributed import DistInfo
+from utils.feeder import BatchFeeder
 from utils.preprocess import apply_flips, normalize
 from utils.schedule import make_lr_lambda
 
@@ -117,13 +113,20 @@ class Trainer:
         self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.step_module = self._wrap(data_parallel)
         self.step = 0
-        self.skipped = 0
         self.best = -math.inf
         self.history: Dict[str, List[Any]] = {"step": [], "loss": [], "lr": [], "eval": []}
         self._tb = None
         self._signal: int | None = None
-        self._data: DataLoader | None = None
-        self._stop_at_exit: Callable[[], None] | None = None
+        self.feeder = BatchFeeder(dataset, self.sampler, cfg.num_workers, device, dist_info, self.accum, log)
+
+    @property
+    def skipped(self) -> int:
+        """Undecodable images dropped so far (kept in the checkpoint)."""
+        return self.feeder.skipped
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.feeder.skipped = int(value)
 
     def _wrap(self, data_parallel: bool) -> nn.Module:
         """The module the step calls: compiled backbone, dense head inside, DDP or DataParallel around."""
@@ -212,34 +215,6 @@ class Trainer:
         plot_loss(self.history, os.path.join(self.output_dir, "loss.png"))
 
     # ------------------------------------------------------------------- loop
-    def _loader(self) -> DataLoader:
-        """One DataLoader for the whole run; its workers live across epochs (the sampler is re-read per epoch).
-
-        Workers start from a forkserver, not a fork of this process: a fork copies the state of
-        threads that do not exist in the child (OpenCV's pool after the .bin decoding, OpenMP),
-        and a worker touching it can hang forever. The price is a few seconds of start-up, once.
-        """
-        if self._data is None:
-            nw = self.cfg.num_workers
-            ctx = "forkserver" if nw and "forkserver" in multiprocessing.get_all_start_methods() else None
-            self._data = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=nw, collate_fn=collate,
-                                    pin_memory=self.device.type == "cuda", worker_init_fn=worker_init if nw else None,
-                                    persistent_workers=nw > 0, prefetch_factor=4 if nw else None,
-                                    multiprocessing_context=ctx)
-            if nw:  # the workers must be gone before the interpreter's exit hook waits for them
-                self._stop_at_exit = functools.partial(stop_workers, weakref.ref(self._data))
-                atexit.register(self._stop_at_exit)
-        return self._data
-
-    def _close_loader(self) -> None:
-        """Stop the persistent workers now, whatever still references the loader (a traceback may)."""
-        data, self._data = self._data, None
-        if data is not None:
-            stop_workers(data)
-        if self._stop_at_exit is not None:
-            atexit.unregister(self._stop_at_exit)
-            self._stop_at_exit = None
-
     def _flip_masks(self) -> torch.Tensor:
         """(K, B) flip coins of this rank's micro-batches, sliced from the global batch's coins.
 
@@ -351,27 +326,6 @@ class Trainer:
                 self.save_backbone_fn(self.model, os.path.join(self.output_dir, "best.pt"))
         return report
 
-    def _fill(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Under several processes, a batch short of undecodable images is refilled by repeating its
-        good ones: every rank must run the same collectives on batches of one size."""
-        want = self.cfg.batch_size
-        if not self.dist.distributed or len(labels) == want:
-            return images, labels
-        if len(labels) == 0:
-            raise DataSourceError(f"rank {self.dist.rank}: a whole batch of undecodable images at step {self.step}")
-        idx = torch.arange(want) % len(labels)
-        return images[idx], labels[idx]
-
-    def _check_bad(self, bad: List[Any]) -> None:
-        """Stop on an unreadable record; count and report undecodable images."""
-        unreadable = [b for b in bad if isinstance(b, str)]
-        if unreadable:  # a damaged data file: stop with its one-line message
-            raise DataSourceError(unreadable[0])
-        if bad:
-            self.skipped += len(bad)
-            names = ", ".join(self.dataset.describe(i) for i in bad[:3])
-            self.log(f"warning: skipped undecodable image(s) {names} ({self.skipped} skipped so far)")
-
     def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int, bar: tqdm) -> None:
         """Record the mean loss (over steps and ranks), lr and global throughput of the last steps."""
         self._check_finite(losses)
@@ -405,32 +359,6 @@ class Trainer:
         if every > 0:
             return self.step % every == 0
         return every == 0 and self.step % self.steps_per_epoch == 0
-
-    def _micro_batches(self, loader: DataLoader):
-        """Groups of K micro-batches (one optimizer step each), bad images checked and refilled."""
-        group: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        for images, labels, bad in loader:
-            if isinstance(images, list):  # encoded: decode where the model runs
-                images, labels, undecodable = self._decode(images, labels)
-                bad = list(bad) + undecodable
-            self._check_bad(bad)
-            if len(labels) == 0 and not self.dist.distributed:
-                continue
-            group.append(self._fill(images, labels))
-            if len(group) == self.accum:
-                yield group
-                group = []
-
-    def _decode(self, items: List[Tuple[int, torch.Tensor]], labels: torch.Tensor):
-        """Batched JPEG decoding on the training device; undecodable images dropped and reported."""
-        from utils.device_decode import decode_batch
-
-        images, failed = decode_batch([p for _, p in items], self.device, tuple(self.dataset.image_size))
-        if failed:
-            keep = torch.ones(len(items), dtype=torch.bool)
-            keep[failed] = False
-            labels = labels[keep]
-        return images, labels, [items[i][0] for i in failed]
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._signal = signum  # acted on at the next step boundary, on every rank at once
@@ -477,7 +405,7 @@ class Trainer:
                 while self.step < end and stopped is None:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
                     self.sampler.set_epoch(epoch, start * self.accum)
-                    for micro in self._micro_batches(self._loader()):
+                    for micro in self.feeder.steps():
                         window.append(self.train_step(micro))
                         self.step += 1
                         bar.update(1)
@@ -504,7 +432,7 @@ class Trainer:
                     self.save(config)
         finally:
             bar.close()
-            self._close_loader()
+            self.feeder.close()
             if self._tb is not None:
                 self._tb.close()
         if stopped is not None and main:
