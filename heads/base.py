@@ -55,7 +55,8 @@ class MarginHead(nn.Module):
                              f"got {embedding_size} and {num_classes}")
         self.embedding_size = embedding_size
         self.num_classes = num_classes
-        self.weight = nn.Parameter(torch.randn(num_classes * self.rows_per_class, embedding_size) * 0.01)
+        # scaled in place: one C x D tensor at a time, not two (4 GB each at 2M classes x 512)
+        self.weight = nn.Parameter(torch.randn(num_classes * self.rows_per_class, embedding_size).mul_(0.01))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         """Logits for ``embeddings`` (B, D), un-normalised, and ``labels`` (B,) int64.
