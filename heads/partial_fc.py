@@ -173,9 +173,7 @@ class PartialFC(nn.Module):
             if self.world_size > 1:
                 x = _GatherRows.apply(x, self.rank, self.world_size, self.group)
                 y = self._all_gather(labels)
-            low, high = torch.stack([y.min(), y.max()]).tolist()
-            if low < 0 or high >= self.num_classes:
-                raise ValueError(f"partial_fc: labels must be in [0, {self.num_classes}), got {low}..{high}")
+            self._check_labels(y)
             norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
             index, local = self._select(y)
             cos = self.head.cosine(x, (self.weight if index is None else self._rows(index)).to(dtype))
@@ -189,6 +187,20 @@ class PartialFC(nn.Module):
             loss = self.criterion.from_sample_ce(ce, uniform)
             extra = self.head.extra_loss(self._own_rows(norms))
             return loss if extra is None else loss + extra
+
+    def _check_labels(self, labels: Tensor) -> None:
+        """Labels outside [0, C) would silently count as "in no shard": refuse them.
+
+        On the CPU with the range in the message; on an accelerator without making the host
+        wait for the device every step (an asynchronous device assert, which ends the process
+        when it fires: the training loop's own labels were already checked against the data).
+        """
+        inside = (labels.min() >= 0) & (labels.max() < self.num_classes)
+        if labels.device.type != "cpu":
+            torch._assert_async(inside, f"partial_fc: labels must be in [0, {self.num_classes})")
+        elif not bool(inside):
+            raise ValueError(f"partial_fc: labels must be in [0, {self.num_classes}), "
+                             f"got {int(labels.min())}..{int(labels.max())}")
 
     def _select(self, labels: Tensor) -> tuple[Tensor | None, Tensor]:
         """(sampled local class indices or None for all, labels as column indices of this shard or -1)."""
