@@ -1,11 +1,13 @@
 """Verification ``.bin`` files (lfw, cfp_fp, agedb_30, ...): a pickle of ``(bins, issame_list)``.
 
 ``bins`` holds 2N encoded images (pair i = items 2i and 2i+1): Python 2 ``str`` in the
-original insightface files, Python 3 ``bytes`` or numpy uint8 arrays in re-made ones;
-``issame_list`` holds N booleans. These files come from the internet and a pickle can run
-code on load, so they are read with an unpickler that resolves only the few globals this
-data needs (numpy array reconstruction and latin-1 ``_codecs.encode``) and refuses any
-other, before anything is called.
+original insightface files; Python 3 ``bytes``, ``bytearray``, numpy uint8 arrays (encoded
+bytes or RGB pixels), a numpy object array of bytes or one (2N, H, W, 3) pixel array in
+re-made ones. ``issame_list`` holds N booleans (Python or numpy bools, 0/1 integers, or a
+bool array). These files come from the internet and a pickle can run code on load, so they
+are read with an unpickler that resolves only the few globals this data needs (numpy array
+and bool/integer scalar reconstruction, latin-1 ``_codecs.encode``, ``bytes``/``bytearray``
+from bytes) and refuses any other, before anything is called.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from utils.atomic import write_bytes
 
-_ALLOWED_WHAT = "only image bytes, numpy uint8 arrays and bool lists are allowed"
+_ALLOWED_WHAT = "only image bytes, numpy arrays and bool/integer flags are allowed"
 
 
 class BinFormatError(ValueError):
@@ -49,6 +51,27 @@ def _empty_bytes(*args) -> bytes:
     return b""
 
 
+def _bytearray(*args) -> bytearray:
+    """``bytearray(b)`` or ``bytearray(text, 'latin-1')``, as pickles write image bytes held in a bytearray."""
+    if len(args) == 1 and isinstance(args[0], bytes):
+        return bytearray(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
+        return bytearray(args[0].encode("latin-1"))
+    if not args:
+        return bytearray()
+    raise _Refused(f"builtins.bytearray with arguments of type {[type(a).__name__ for a in args]}")
+
+
+_NUMPY_SCALAR = np.bool_(True).__reduce__()[0]
+
+
+def _scalar(dtype, data=None):
+    """numpy's ``scalar``, for bool and integer dtypes only (an ``issame`` of numpy bools)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biu" or not isinstance(data, bytes):
+        raise _Refused(f"numpy scalar of dtype {dtype!r}")
+    return _NUMPY_SCALAR(dtype, data)
+
+
 _NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1, np.uint8))[0]
 _NUMPY_FROMBUFFER = np.ndarray.__reduce_ex__(np.zeros(1, np.uint8), 5)[0]
 
@@ -69,11 +92,15 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
     ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
     ("builtins", "bytes"): _empty_bytes,
+    ("__builtin__", "bytearray"): _bytearray,
+    ("builtins", "bytearray"): _bytearray,
 }
 
 
@@ -113,6 +140,9 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes | np.ndarray], np.ndar
         raise BinFormatError(f"{path}: expected a pickled 2-tuple (bins, issame_list), got {type(obj).__name__}"
                              + (f" of length {len(obj)}" if isinstance(obj, (tuple, list)) else ""))
     bins, issame = obj
+    if isinstance(bins, np.ndarray) and (bins.dtype == object and bins.ndim == 1 or bins.dtype == np.uint8
+                                         and bins.ndim == 4 and bins.shape[3] == 3):
+        bins = list(bins)  # an object array of encoded images, or all the RGB pixels in one (2N, H, W, 3) array
     if not isinstance(bins, (list, tuple)):
         raise BinFormatError(f"{path}: bins is a {type(bins).__name__}, expected a list of images")
     if isinstance(issame, np.ndarray):
@@ -124,7 +154,7 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes | np.ndarray], np.ndar
                              f"(expected 2 x {len(issame)} = {2 * len(issame)} images)")
     flags = np.empty(len(issame), dtype=bool)
     for i, v in enumerate(issame):
-        if not isinstance(v, (bool, np.bool_, int)) or v not in (0, 1):
+        if not isinstance(v, (bool, np.bool_, int, np.integer)) or v not in (0, 1):
             raise BinFormatError(f"{path}: issame_list item {i} is {v!r}, expected a bool")
         flags[i] = bool(v)
     items: list[bytes | np.ndarray] = []

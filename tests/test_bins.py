@@ -183,3 +183,47 @@ def test_numpy1_module_names(tmp_path, four, protocol):
     path.write_bytes(raw)
     pixels, _ = decode_bin(path, image_size=(8, 8))
     np.testing.assert_array_equal(pixels, np.stack(imgs))
+
+
+# Variants seen in re-made files: numpy bools from a comparison, numpy containers, bytearrays.
+_ISSAME_VARIANTS = {
+    "numpy bools": lambda flags: [np.bool_(v) for v in flags],
+    "numpy ints": lambda flags: [np.int64(v) for v in flags],
+    "bool array": lambda flags: np.array(flags),
+}
+_BINS_VARIANTS = {
+    "object array": lambda imgs, pngs: np.array(pngs, dtype=object),
+    "bytearrays": lambda imgs, pngs: [bytearray(p) for p in pngs],
+    "one pixel array": lambda imgs, pngs: np.stack(imgs),
+}
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("variant", list(_ISSAME_VARIANTS))
+def test_issame_variants(tmp_path, four, protocol, variant):
+    imgs, pngs, issame = four
+    path = tmp_path / "lfw.bin"
+    path.write_bytes(pickle.dumps((pngs, _ISSAME_VARIANTS[variant](issame)), protocol=protocol))
+    pixels, same = decode_bin(path, image_size=(8, 8))
+    assert same.dtype == bool and same.tolist() == issame
+    np.testing.assert_array_equal(pixels, np.stack(imgs))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("variant", list(_BINS_VARIANTS))
+def test_bins_container_variants(tmp_path, four, protocol, variant):
+    imgs, pngs, issame = four
+    path = tmp_path / "calfw.bin"
+    path.write_bytes(pickle.dumps((_BINS_VARIANTS[variant](imgs, pngs), issame), protocol=protocol))
+    pixels, same = decode_bin(path, image_size=(8, 8))
+    assert same.tolist() == issame
+    np.testing.assert_array_equal(pixels, np.stack(imgs))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_float_scalars_are_refused_by_name(tmp_path, four, protocol):
+    _, pngs, _ = four
+    path = tmp_path / "cplfw.bin"
+    path.write_bytes(pickle.dumps((pngs, [np.float64(1), np.float64(0)]), protocol=protocol))
+    with pytest.raises(BinFormatError, match=r"cplfw\.bin: refused to unpickle numpy scalar of dtype"):
+        load_bin(path)
