@@ -12,6 +12,7 @@ The run directory receives config.json, checkpoint.pt (resume), backbone.pt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any, Dict, List, Sequence
@@ -25,6 +26,7 @@ import heads
 import losses
 from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config, to_dict
 from data.dataset import build_dataset
+from heads.base import deferred_centres
 from heads.partial_fc import PartialFC
 from utils import checkpoint as ckpt
 from utils import distributed as dist_utils
@@ -207,7 +209,8 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     for src, off in zip(dataset.sources, dataset.label_offsets):
         log(f"data: {src.path}: {len(src)} images, {src.num_classes} classes (labels from {int(off)})")
     model = build_backbone(cfg)
-    head = build_head(cfg, dataset.num_classes)
+    with deferred_centres() if cfg.partial_fc else contextlib.nullcontext():  # each rank draws its shard only
+        head = build_head(cfg, dataset.num_classes)
     criterion = build_loss(cfg)
     if cfg.partial_fc:
         try:

@@ -7,8 +7,8 @@ For each (classes C, sample rate R, world size W): W processes (tests/distribute
 ``run_ranks``, gloo), each with an ArcFace head's shard of C/W classes in a ``PartialFC`` and
 SGD with momentum on it; one step = forward + backward + ``optimizer.step()`` of the head only,
 on random local embeddings (global batch / W rows each, as a backbone would hand over). The
-head is built on the meta device and only the shard materialised (``to_empty``), so memory is
-the steady state of training, not the one-off full matrix a plain build allocates.
+head is built under ``deferred_centres()``, as train.py builds it, so only the shard's centres
+are ever drawn and memory is the steady state of training.
 
 Reported per configuration: parameter + gradient + momentum bytes per rank (from tensor sizes,
 the largest shard), peak RSS per rank (``getrusage`` ru_maxrss, max over ranks, and the same
@@ -39,6 +39,7 @@ import torch.distributed as dist  # noqa: E402
 
 import heads  # noqa: E402
 import losses  # noqa: E402
+from heads.base import deferred_centres  # noqa: E402
 from heads.partial_fc import PartialFC, shard_range  # noqa: E402
 from tests.distributed import run_ranks  # noqa: E402
 
@@ -75,13 +76,9 @@ def bench_rank(rank: int, world: int, classes: int, rate: float, dim: int, batch
     with open("/proc/self/oom_score_adj", "w") as f:  # if memory runs out after all, the kernel picks us first
         f.write("1000")
     rss_before = rss_bytes()
-    with torch.device("meta"):  # the full (C, D) matrix is never allocated
+    with deferred_centres():  # as train.py builds it: the full (C, D) matrix is never allocated
         head = heads.build("arcface", dim, classes)
     pfc = PartialFC(head, losses.build("cross_entropy"), sample_rate=rate, rank=rank, world_size=world, seed=0)
-    pfc.to_empty(device="cpu")
-    with torch.no_grad():
-        pfc.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(rank))
-        pfc.counter.zero_()
     pfc.train()
     optimizer = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9)
     local = batch // world

@@ -18,7 +18,9 @@ Angles are in radians everywhere.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+import contextvars
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,45 @@ from utils.registry import Registry
 
 HEADS = Registry("head")
 register = HEADS.register
+
+
+CENTRE_STD = 0.01  # initial centres ~ N(0, 0.01^2) per coordinate
+_INIT_BLOCK = 1024  # rows drawn per seeded block (see centre_rows)
+_DEFERRED = contextvars.ContextVar("facetrain_deferred_centres", default=False)
+
+
+def centre_rows(first: int, last: int, dim: int, seed: int) -> Tensor:
+    """Initial rows ``first .. last-1`` (float32) of the centre matrix of a head seeded ``seed``.
+
+    Drawn in blocks of 1024 rows, each from its own generator seeded by (seed, block), so
+    any range of rows is a function of the range alone: a Partial FC shard draws only its
+    rows, yet holds exactly what the full matrix has there, whatever the number of shards.
+    """
+    if not 0 <= first <= last:
+        raise ValueError(f"centre_rows: need 0 <= first <= last, got {first}, {last}")
+    out = torch.empty(last - first, dim, device="cpu")
+    for block in range(first // _INIT_BLOCK, -(-last // _INIT_BLOCK)):
+        lo, hi = block * _INIT_BLOCK, (block + 1) * _INIT_BLOCK
+        g = torch.Generator().manual_seed((seed * 0x9E3779B1 + block) % (1 << 63))
+        rows = torch.randn(_INIT_BLOCK, dim, generator=g, device="cpu").mul_(CENTRE_STD)
+        a, b = max(first, lo), min(last, hi)
+        out[a - first:b - first] = rows[a - lo:b - lo]
+    return out
+
+
+@contextlib.contextmanager
+def deferred_centres() -> Iterator[None]:
+    """Heads built inside leave their centre matrix unallocated (on the meta device).
+
+    For Partial FC at millions of classes: the wrapper then creates only its shard's rows
+    (``centre_rows``), instead of every process drawing the full matrix (4 GB at 2M x 512)
+    to keep a slice of it. A deferred head cannot run on its own.
+    """
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
 
 
 class HeadOutput(NamedTuple):
@@ -55,8 +96,13 @@ class MarginHead(nn.Module):
                              f"got {embedding_size} and {num_classes}")
         self.embedding_size = embedding_size
         self.num_classes = num_classes
-        # scaled in place: one C x D tensor at a time, not two (4 GB each at 2M classes x 512)
-        self.weight = nn.Parameter(torch.randn(num_classes * self.rows_per_class, embedding_size).mul_(0.01))
+        # one draw from torch's RNG (so torch.manual_seed decides the centres), then seeded blocks
+        self.init_seed = int(torch.randint(0, 1 << 62, (), device="cpu"))
+        rows = num_classes * self.rows_per_class
+        if _DEFERRED.get():
+            self.weight = nn.Parameter(torch.empty(rows, embedding_size, device="meta"))
+        else:
+            self.weight = nn.Parameter(centre_rows(0, rows, embedding_size, self.init_seed))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> HeadOutput:
         """Logits for ``embeddings`` (B, D), un-normalised, and ``labels`` (B,) int64.

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .base import MarginHead, gather_target
+from .base import MarginHead, centre_rows, gather_target
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -151,7 +151,11 @@ class PartialFC(nn.Module):
         self.sample_rate, self.rank, self.world_size, self.seed, self.group = (float(sample_rate), int(rank),
                                                                                int(world_size), int(seed), group)
         k = self.rows_per_class
-        self.weight = nn.Parameter(head.weight.detach()[self.start * k:self.end * k].clone())
+        if head.weight.is_meta:  # built under deferred_centres(): draw this shard's rows only
+            shard = centre_rows(self.start * k, self.end * k, head.embedding_size, head.init_seed)
+        else:
+            shard = head.weight.detach()[self.start * k:self.end * k].clone()
+        self.weight = nn.Parameter(shard)
         head.register_parameter("weight", None)
         self.head, self.criterion = head, criterion
         self.register_buffer("counter", torch.zeros((), dtype=torch.int64))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import heads
 import losses
+from heads.base import centre_rows, deferred_centres
 from heads.partial_fc import PartialFC, shard_range
 from tests.distributed import RankError, run_ranks
 
@@ -299,6 +300,11 @@ def _two_rank_checks(rank: int, world_size: int, x: torch.Tensor, y: torch.Tenso
     pfc.load_full_weight(full)
     out["loaded_shard"] = pfc.weight.detach().clone()
     out["gathered"] = pfc.gather_rows(pfc.shard_rows(full * 2))
+    torch.manual_seed(11)
+    with deferred_centres():  # as train.py builds it: this rank draws its own rows only
+        deferred = PartialFC(heads.build("subcenter_arcface", D, C, K=3), losses.build("cross_entropy"),
+                             rank=rank, world_size=world_size)
+    out["deferred_shard"] = deferred.weight.detach().clone()
     host = dist.new_group(backend="gloo")  # as checkpoints gather: a separate CPU group, result on rank 1 only
     out["gathered_host"] = pfc.gather_rows(pfc.shard_rows(full * 3), dst=1, group=host)
     fresh = partial("arcface", rank=rank, world_size=world_size)
@@ -420,3 +426,37 @@ def test_gather_over_a_separate_cpu_group_reaches_only_dst(two_ranks):
     assert out0["gathered_host"] is None
     torch.testing.assert_close(out1["gathered_host"], two_ranks["full"] * 3, rtol=0, atol=0)
     assert out1["gathered_host"].device.type == "cpu"
+
+
+# ---------------------------------------------------------------- centres drawn per shard
+
+
+def test_centre_rows_of_any_range_are_those_of_the_full_draw():
+    full = centre_rows(0, 2500, 16, seed=3)
+    for a, b in [(0, 1), (1023, 1025), (1024, 2048), (17, 2500), (2499, 2500), (5, 5)]:
+        torch.testing.assert_close(centre_rows(a, b, 16, seed=3), full[a:b], rtol=0, atol=0)
+    assert not torch.equal(centre_rows(0, 10, 16, seed=4), full[:10])
+    assert abs(float(full.std()) - 0.01) < 5e-4 and abs(float(full.mean())) < 5e-4
+
+
+@pytest.mark.parametrize("case", ["arcface", "subcenter_arcface", "curricularface", "adaface"])
+def test_deferred_head_draws_no_centres_and_partial_fc_gets_the_dense_rows(case):
+    name, params, _ = CASES[case]
+    torch.manual_seed(5)
+    dense_head = heads.build(name, D, C, **params)
+    torch.manual_seed(5)
+    with deferred_centres():
+        head = heads.build(name, D, C, **params)
+    assert head.weight.is_meta
+    assert all(not b.is_meta for b in head.buffers())  # buffers are real: only the centres wait
+    pfc = PartialFC(head, losses.build("cross_entropy"))
+    torch.testing.assert_close(pfc.weight.detach(), dense_head.weight.detach(), rtol=0, atol=0)
+    assert not heads.build(name, D, C, **params).weight.is_meta  # the context ended
+
+
+def test_deferred_shards_on_two_ranks_are_the_dense_rows(two_ranks):
+    torch.manual_seed(11)
+    full = heads.build("subcenter_arcface", D, C, K=3).weight.detach()
+    for rank, out in enumerate(two_ranks["ranks"]):
+        start, end = shard_range(C, rank, W)
+        torch.testing.assert_close(out["deferred_shard"], full[start * 3:end * 3], rtol=0, atol=0)
