@@ -75,7 +75,11 @@ class Config:
     poly_power: float = field(default=2.0, metadata={"help": "polynomial schedule power"})
     warmup_epochs: float = field(default=0.0, metadata={"help": "linear warmup length in epochs"})
     grad_clip: float = field(default=5.0, metadata={"help": "clip gradient norm to this (0 = off)"})
-    amp: bool = field(default=False, metadata={"help": "mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU"})
+    amp: bool = field(default=False, metadata={
+        "help": "mixed precision for the backbone (dtype: --amp-dtype); the margin head stays fp32"})
+    amp_dtype: str = field(default="auto", metadata={
+        "help": "--amp precision: auto (bf16 where the device computes it natively: CPUs, A100/H100; "
+                "else fp16 + GradScaler), bf16, fp16 (CUDA only)", "choices": ("auto", "bf16", "fp16")})
     channels_last: bool = field(default=True, metadata={
         "help": "channels_last memory format for the backbone (faster convolutions on CPU and GPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the backbone (minutes of warm-up)"})

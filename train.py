@@ -33,6 +33,7 @@ from utils import distributed as dist_utils
 from utils.distributed import DistInfo
 from utils.errors import fail, user_errors
 from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
+from utils.precision import amp_dtype
 from utils.runtime import keep_freed_memory
 from utils.trainer import Trainer
 
@@ -187,6 +188,17 @@ def init_distributed(cfg: Config) -> tuple[DistInfo, torch.device]:
         raise ConfigError(str(exc)) from None
 
 
+def describe_amp(cfg: Config, device: torch.device) -> str:
+    """What --amp means on this device, for the log; a one-line error where it cannot run."""
+    if not cfg.amp:
+        return "off"
+    try:
+        dtype = amp_dtype(cfg.amp_dtype, device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return "bf16" if dtype == torch.bfloat16 else "fp16 + GradScaler"
+
+
 def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.device) -> int:
     state = None
     source = resume_source(cfg)
@@ -198,6 +210,7 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
             cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
                                         else os.path.dirname(os.path.abspath(source))})
         cfg = keep_global_batch(cfg, state, given, info.world_size)
+    precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 112x112 inputs: let cuDNN pick the fastest kernels
@@ -224,7 +237,7 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
     log(f"model: {cfg.backbone} ({n_params:.2f}M params, {cfg.input_order} input), head {cfg.head} "
         f"({dataset.num_classes} classes{pfc}), "
-        f"loss {cfg.loss}, device {device}, amp {cfg.amp}")
+        f"loss {cfg.loss}, device {device}, amp {precision}")
     if info.is_main:
         save_config(cfg, os.path.join(cfg.output, "config.json"))
 

@@ -8,7 +8,8 @@ For each backbone, in one run, side by side:
   normalised-linear ArcFace, cross-entropy, SGD), fp32, contiguous NCHW: what a seed does;
 - ours in each mode, through utils.trainer.Trainer.train_step (uint8 batch in, flip and
   normalise on the device, head in fp32, gradient clipping): eager (NCHW fp32), channels_last,
-  amp (channels_last + bf16 autocast on CPU, fp16 + GradScaler on CUDA), compile (channels_last
+  amp (channels_last + autocast as --amp-dtype auto picks it: bf16 on CPUs and A100/H100, else fp16 +
+  GradScaler), compile (channels_last
   + torch.compile, fp32), amp+compile. Default modes: all on a GPU; on a CPU the amp ones are
   left out (bf16 autocast is several times slower than fp32 on CPUs without fast bf16 paths;
   ask for them with --modes).

@@ -10,17 +10,7 @@ import pytest
 import evaluate
 import prepare_data
 import train
-
-
-def _one_line_error(capsys, fn, argv, *needles):
-    with pytest.raises(SystemExit) as e:
-        fn(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
+from tests.cli_helpers import script_error as _one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ from utils import distributed as dist_utils
 from utils.atomic import write_json
 from utils.distributed import DistInfo
 from utils.feeder import BatchFeeder
+from utils.precision import amp_dtype, needs_grad_scaler
 from utils.preprocess import apply_flips, normalize
 from utils.schedule import make_lr_lambda
 
@@ -108,9 +109,9 @@ class Trainer:
             total_steps=self.total_steps, warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
             kind=cfg.scheduler, milestones=[int(round(m * self.steps_per_epoch)) for m in cfg.milestones],
             gamma=cfg.lr_gamma, power=cfg.poly_power))
-        self.use_scaler = bool(cfg.amp and device.type == "cuda")
+        self.amp_dtype = amp_dtype(getattr(cfg, "amp_dtype", "auto"), device) if cfg.amp else None
+        self.use_scaler = self.amp_dtype is not None and needs_grad_scaler(self.amp_dtype, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
         self.step_module = self._wrap(data_parallel)
         self.step = 0
         self.best = -math.inf
@@ -134,7 +135,7 @@ class Trainer:
         if getattr(self.cfg, "compile", False):
             backbone = torch.compile(backbone)
         module = StepModule(backbone, None if self.sharded else self.head,
-                            self.amp_dtype if self.cfg.amp else None)
+                            self.amp_dtype)
         if self.dist.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -189,7 +190,8 @@ class Trainer:
                 optimizer["state"][idx] = dict(entry, momentum_buffer=self.head.shard_rows(buf))
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.use_scaler:  # empty: saved without loss scaling (CPU, bf16): start afresh
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.best, self.skipped = int(state["step"]), float(state["best"]), int(state["skipped"])
         self.history = state.get("history", self.history)
         ckpt.set_rng_state(state["rng"])
