@@ -22,11 +22,11 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from data.imageformat import UNKNOWN, image_format
 from data.recordio import IR_SIZE, IRHeader, RecordIOError, RecordReader, RecordWriter, pack_irheader, unpack_irheader
 
 _FLOAT32_EXACT = 1 << 24  # largest integer range float32 labels hold exactly
 _PROGRESS_MIN = 10000  # show a progress bar when reading at least this many image headers
-_IMAGE_MAGICS = (b"\xff\xd8", b"\x89PNG")
 
 
 def read_property(path: str | os.PathLike) -> tuple[int, tuple[int, int]]:
@@ -46,6 +46,24 @@ def read_property(path: str | os.PathLike) -> tuple[int, tuple[int, int]]:
 
 def _integral(values: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
+
+
+def header_range(record: bytes) -> tuple[int, int] | None:
+    """(first_identity_record, end) when ``record`` is an insightface header (record 0), else None.
+
+    A header has flag >= 2, an integral label[0] >= 1 and label[1], and no image payload
+    (an image record with an array label could otherwise pass for one).
+    """
+    try:
+        header, payload = unpack_irheader(record)
+    except RecordIOError:
+        return None
+    if header.flag < 2:
+        return None
+    label = np.asarray(header.label, dtype=np.float64)
+    if not _integral(label[:2]) or label[0] < 1 or image_format(payload) != UNKNOWN:
+        return None
+    return int(label[0]), int(label[1])
 
 
 class FaceRec:
@@ -99,16 +117,9 @@ class FaceRec:
             head = self.reader.read_prefix(0, 4)
         except KeyError:
             return None
-        if len(head) < 4 or int.from_bytes(head, "little") < 2:
+        if len(head) < 4 or int.from_bytes(head, "little") < 2:  # flag < 2: skip reading the record
             return None
-        try:
-            header, payload = unpack_irheader(self.reader.read(0))
-        except RecordIOError:
-            return None
-        label = np.asarray(header.label, dtype=np.float64)
-        if not _integral(label[:2]) or label[0] < 1 or payload.startswith(_IMAGE_MAGICS):
-            return None
-        return int(label[0]), int(label[1])
+        return header_range(self.reader.read(0))
 
     def _missing_keys(self, keys: np.ndarray) -> int | None:
         """First of ``keys`` that the index lacks, or None."""

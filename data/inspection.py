@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.bins import BinFormatError, load_bin
-from data.facerec import _IMAGE_MAGICS, FaceRec, read_property
+from data.facerec import FaceRec, header_range, read_property
 from data.imageformat import image_format
 from data.pack import decode_bgr
 from data.recordio import RecordIOError, RecordReader, read_idx, scan_offsets, unpack_irheader
@@ -76,20 +76,6 @@ def _sample(n: int, k: int, seed: int) -> np.ndarray:
     if k < 0 or k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
-def _header_range(record: bytes) -> tuple[int, int] | None:
-    """(first_identity, end) when a record 0 is an insightface header (as FaceRec tells it), else None."""
-    try:
-        header, payload = unpack_irheader(record)
-    except RecordIOError:
-        return None
-    label = np.atleast_1d(np.asarray(header.label, dtype=np.float64))
-    if header.flag < 2 or not np.all(np.isfinite(label[:2])) or np.any(label[:2] != np.round(label[:2])):
-        return None
-    if label[0] < 1 or payload.startswith(_IMAGE_MAGICS):
-        return None
-    return int(label[0]), int(label[1])
 
 
 def _label_of(record_label) -> float:
@@ -151,7 +137,7 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
 
     head_at = index.offset(0)
     try:
-        ranges = _header_range(raw.read_at(head_at)) if head_at is not None and head_at < size else None
+        ranges = header_range(raw.read_at(head_at)) if head_at is not None and head_at < size else None
     except RecordIOError:
         ranges = None  # reported below: key 0 is then read as an image
     report["layout"] = "insightface" if ranges else "plain"

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from data.facerec import FaceRec, write_pack
+from data.facerec import FaceRec, header_range, write_pack
 from data.recordio import RecordIOError
 
 M = struct.pack("<I", 0xCED7230A)
@@ -152,3 +152,19 @@ def test_header_without_identity_records_reads_image_labels(tmp_path):
     assert ds.layout == "insightface"
     assert ds.image_keys.tolist() == [1, 2, 3] and ds.labels.tolist() == [0, 0, 1] and ds.num_classes == 2
     assert ds.read(2) == (b"i3", 1)
+
+
+def _record(flag, labels, payload=b""):
+    """IRHeader '<IfQQ' by hand: flag, label 0.0 (an array follows), ids 0; then float32 labels, payload."""
+    return struct.pack("<IfQQ", flag, 0.0, 0, 0) + struct.pack(f"<{len(labels)}f", *labels) + payload
+
+
+def test_header_range_rule_on_hand_built_records():
+    assert header_range(_record(2, [5, 9])) == (5, 9)
+    assert header_range(_record(3, [5, 9, 0])) == (5, 9)
+    assert header_range(_record(1, [5])) is None  # a one-value array label: an image record
+    assert header_range(_record(2, [5.5, 9])) is None
+    assert header_range(_record(2, [0, 9])) is None
+    assert header_range(_record(2, [5, 9], b"\xff\xd8\xff\xe0JFIF")) is None  # an image with a 2-value label
+    assert header_range(_record(2, [5, 9], b"\x89PNG\r\n\x1a\n")) is None
+    assert header_range(b"\x02\x00") is None  # shorter than an IRHeader
