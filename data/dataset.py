@@ -8,7 +8,6 @@ returned with label -1, dropped by `collate`, and counted by the trainer.
 from __future__ import annotations
 
 import signal
-import weakref
 from typing import Any, List, Sequence, Tuple
 
 import cv2
@@ -157,11 +156,9 @@ def stop_workers(loader: Any) -> None:
 
     Needed because the workers ignore SIGTERM (see `worker_init`): left to the garbage
     collector, a loader kept alive by a traceback outlives the interpreter's own exit
-    hook, which then SIGTERMs the workers and waits for them forever. Accepts a weak
-    reference too (for atexit); a loader that never started workers is left alone.
+    hook, which then SIGTERMs the workers and waits for them forever. A loader that never
+    started workers (or None) is left alone.
     """
-    if isinstance(loader, weakref.ref):
-        loader = loader()
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()

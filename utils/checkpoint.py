@@ -15,6 +15,7 @@ import hashlib
 import os
 import pickle
 import random
+import zipfile
 from typing import Any, Dict, Mapping
 
 import numpy as np
@@ -56,13 +57,7 @@ def load_file(path: str, mmap: bool = False) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        if mmap:
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: refused to load (holds more than tensors and plain data: {first})") from None

@@ -16,10 +16,10 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
+from data.imageformat import image_format
+
 
 def _is_jpeg(payload: torch.Tensor) -> bool:
-    from data.imageformat import image_format
-
     return image_format(bytes(payload[:16].tolist())) == "jpeg"
 
 

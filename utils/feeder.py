@@ -9,7 +9,6 @@ rank's batches one size so that the collectives of a step line up.
 from __future__ import annotations
 
 import atexit
-import functools
 import multiprocessing
 import weakref
 from typing import Any, Callable, Iterator, List, Tuple
@@ -55,7 +54,8 @@ class BatchFeeder:
                                     persistent_workers=nw > 0, prefetch_factor=4 if nw else None,
                                     multiprocessing_context=ctx)
             if nw:  # the workers must be gone before the interpreter's exit hook waits for them
-                self._stop_at_exit = functools.partial(stop_workers, weakref.ref(self._data))
+                loader = weakref.ref(self._data)  # the hook must not keep the loader alive
+                self._stop_at_exit = lambda: stop_workers(loader())
                 atexit.register(self._stop_at_exit)
         return self._data
 
