@@ -65,3 +65,18 @@ def tiny_pack(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_pack")
     generate_dataset(str(out), identities=6, images_per_id=6, pairs=0.001, seed=1, progress=False)
     return str(out)
+
+
+@pytest.fixture
+def damaged_pack(tiny_pack, tmp_path):
+    """A copy of ``tiny_pack`` whose record 10 has lost its magic word (zeroed in the .rec)."""
+    import shutil
+
+    pack = tmp_path / "damaged_pack"
+    shutil.copytree(tiny_pack, pack)
+    idx = dict(line.split("\t") for line in (pack / "train.idx").read_text().splitlines())
+    data = bytearray((pack / "train.rec").read_bytes())
+    off = int(idx["10"])
+    data[off:off + 4] = b"\0\0\0\0"
+    (pack / "train.rec").write_bytes(bytes(data))
+    return str(pack)

@@ -96,17 +96,8 @@ def test_prepare_data_help_has_example(capsys, command):
     assert "example:" in out and f"prepare_data.py {command.replace('_', '-')}" in out
 
 
-def test_train_damaged_record_is_one_line(capsys, tiny_pack, tmp_path):
-    import shutil
-
-    pack = tmp_path / "pack"
-    shutil.copytree(tiny_pack, pack)
-    idx = dict(line.split("\t") for line in (pack / "train.idx").read_text().splitlines())
-    data = bytearray((pack / "train.rec").read_bytes())
-    off = int(idx["10"])
-    data[off:off + 4] = b"\0\0\0\0"  # record 10 loses its magic word
-    (pack / "train.rec").write_bytes(bytes(data))
-    err = _one_line_error(capsys, train.main, ["--data", str(pack), "--output", str(tmp_path / "r"),
+def test_train_damaged_record_is_one_line(capsys, damaged_pack, tmp_path):
+    err = _one_line_error(capsys, train.main, ["--data", damaged_pack, "--output", str(tmp_path / "r"),
                                                "--batch-size", "36", "--num-workers", "1", "--no-progress",
                                                "--max-steps", "1"], "train.py: error:", "train.rec")
     assert "record 10" in err and "magic" in err

@@ -31,22 +31,14 @@ def test_stop_workers_ends_persistent_workers_now():
     stop_workers(DataLoader([1]))  # never iterated: nothing to stop
 
 
-def test_process_exits_after_a_training_error_with_workers(tiny_pack, tmp_path):
+def test_process_exits_after_a_training_error_with_workers(damaged_pack, tmp_path):
     """A record error raised through the workers' loader, then a normal interpreter exit."""
-    import shutil
-
-    pack = tmp_path / "pack"
-    shutil.copytree(tiny_pack, pack)
-    idx = dict(line.split("\t") for line in (pack / "train.idx").read_text().splitlines())
-    data = bytearray((pack / "train.rec").read_bytes())
-    data[int(idx["10"]):int(idx["10"]) + 4] = b"\0\0\0\0"
-    (pack / "train.rec").write_bytes(bytes(data))
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {ROOT!r})
         import train
         try:
-            train.main(["--data", {str(pack)!r}, "--output", {str(tmp_path / "run")!r}, "--batch-size", "36",
+            train.main(["--data", {damaged_pack!r}, "--output", {str(tmp_path / "run")!r}, "--batch-size", "36",
                         "--num-workers", "1", "--no-progress", "--max-steps", "1"])
         except SystemExit as exc:
             kept = exc  # holds the error's traceback (and so the loader) until after the exit hooks, as pytest would
