@@ -37,6 +37,9 @@ class Config:
         "comma-separated verification targets (e.g. lfw,cfp_fp); empty = every .bin found")})
     output: str = field(default="runs/default", metadata={"help": "run directory"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
+    max_bad_fraction: float = field(default=0.01, metadata={"help": (
+        "stop with an error naming the first bad images when more than this share of the images seen "
+        "so far is undecodable (checked once a few hundred have been seen; a whole undecodable epoch always stops)")})
     decode_on_device: bool = field(default=False, metadata={"help": (
         "workers only read bytes; JPEGs are decoded in batches where the model runs "
         "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
@@ -111,6 +114,14 @@ class Config:
     resume: str = field(default="", metadata={"help": (
         "run directory or checkpoint.pt to resume from; 'auto' = the --output run if it has a checkpoint, "
         "else start fresh (for torchrun --max-restarts and requeued jobs)")})
+    keep: int = field(default=1, metadata={"help": (
+        "training checkpoints kept: checkpoint.pt (newest) plus the K-1 before it as checkpoint-<step>.pt")})
+    overwrite: bool = field(default=False, metadata={"help": (
+        "allow --output to name a folder that already holds a run (its files are replaced); "
+        "without it, such a folder needs --resume")})
+    max_bad_steps: int = field(default=5, metadata={"help": (
+        "optimizer steps in a row with a NaN/inf loss or gradient (each skipped, weights untouched) "
+        "before training stops; the last good checkpoint is kept")})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
     save_init: bool = field(default=False, metadata={
         "help": "also write backbone_init.pt (the untrained weights), to compare against"})

@@ -19,9 +19,10 @@ def user_errors() -> Tuple[Type[BaseException], ...]:
     from data.recordio import RecordIOError
     from data.sources import DataSourceError
     from utils.checkpoint import CheckpointError
+    from utils.files import UnreadableFileError
     from utils.registry import UnknownNameError
 
-    return (BinFormatError, RecordIOError, DataSourceError, CheckpointError, UnknownNameError,
+    return (BinFormatError, RecordIOError, DataSourceError, CheckpointError, UnknownNameError, UnreadableFileError,
             FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
