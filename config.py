@@ -115,7 +115,8 @@ class Config:
         "run directory or checkpoint.pt to resume from; 'auto' = the --output run if it has a checkpoint, "
         "else start fresh (for torchrun --max-restarts and requeued jobs)")})
     keep: int = field(default=1, metadata={"help": (
-        "training checkpoints kept: checkpoint.pt (newest) plus the K-1 before it as checkpoint-<step>.pt")})
+        "training checkpoints kept: 1 = checkpoint.pt alone; K > 1 = the K newest also as checkpoint-<step>.pt "
+        "(checkpoint.pt is a hard link to the newest: no extra space)")})
     overwrite: bool = field(default=False, metadata={"help": (
         "allow --output to name a folder that already holds a run (its files are replaced); "
         "without it, such a folder needs --resume")})

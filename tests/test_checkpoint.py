@@ -6,6 +6,7 @@ import pickle
 import pytest
 import torch
 
+from utils import checkpoint as ckpt
 from utils.checkpoint import CheckpointError, load_file, save_file
 
 
@@ -56,3 +57,21 @@ def test_missing_and_damaged_files_are_named(tmp_path):
     (tmp_path / "torn.pt").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CheckpointError, match=r"torn\.pt: not a readable checkpoint"):
         load_file(str(tmp_path / "torn.pt"), mmap=True)
+
+
+def test_keep_k_numbered_checkpoints(tmp_path):
+    """keep=3: the three newest saves stay as checkpoint-<step>.pt; checkpoint.pt is the newest's content."""
+    path = str(tmp_path / "checkpoint.pt")
+    for step in (10, 20, 30, 40):
+        ckpt.save_training_checkpoint(path, keep=3, step=step, model={"w": torch.full((2,), float(step))})
+    assert [s for s, _ in ckpt.numbered_checkpoints(str(tmp_path))] == [20, 30, 40]
+    assert ckpt.load_training_checkpoint(path)["step"] == 40
+    assert ckpt.load_training_checkpoint(str(tmp_path / "checkpoint-00000020.pt"))["model"]["w"][0] == 20.0
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000020.pt", "checkpoint-00000030.pt",
+                                            "checkpoint-00000040.pt", "checkpoint.pt"]
+
+
+def test_check_finite_names_the_tensor():
+    ckpt.check_finite({"a": torch.ones(3), "n": torch.tensor([1, 2])}, "x.pt")
+    with pytest.raises(ckpt.CheckpointError, match="x.pt.*'b'.*1 NaN/inf"):
+        ckpt.check_finite({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, "x.pt")

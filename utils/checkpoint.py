@@ -15,8 +15,9 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import zipfile
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 import torch
@@ -91,9 +92,54 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(path: str, **state: Any) -> None:
-    """Write a resumable checkpoint; `state` holds state_dicts and counters."""
-    save_file({"format": CHECKPOINT_FORMAT, "version": VERSION, **state}, path)
+def numbered_checkpoints(directory: str) -> List[Tuple[int, str]]:
+    """The ``checkpoint-<step>.pt`` files in ``directory`` as (step, path), oldest first."""
+    found = []
+    for name in os.listdir(directory) if os.path.isdir(directory) else ():
+        m = _NUMBERED.fullmatch(name)
+        if m:
+            found.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(found)
+
+
+_NUMBERED = re.compile(r"checkpoint-(\d+)\.pt")
+
+
+def save_training_checkpoint(path: str, keep: int = 1, **state: Any) -> None:
+    """Write a resumable checkpoint; `state` holds state_dicts and counters (`step` among them).
+
+    ``keep`` 1: ``path`` alone, replaced atomically. ``keep`` K > 1: the file is written as
+    ``checkpoint-<step>.pt`` beside ``path``, ``path`` becomes a hard link to it (atomically, no
+    second write), and only the K newest numbered files are kept.
+    """
+    obj = {"format": CHECKPOINT_FORMAT, "version": VERSION, **state}
+    if keep <= 1:
+        save_file(obj, path)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    numbered = os.path.join(directory, f"checkpoint-{int(state.get('step', 0)):08d}.pt")
+    save_file(obj, numbered)
+    link = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.link")
+    try:
+        if os.path.lexists(link):
+            os.remove(link)
+        os.link(numbered, link)
+        os.replace(link, path)
+    except OSError:  # a filesystem without hard links: a second, ordinary atomic write
+        if os.path.lexists(link):
+            os.remove(link)
+        save_file(obj, path)
+    for _, old in numbered_checkpoints(directory)[:-keep]:
+        os.remove(old)
+
+
+def check_finite(state_dict: Mapping[str, Any], where: str) -> None:
+    """Raise CheckpointError naming the first floating tensor of ``state_dict`` holding NaN or inf."""
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{where}: tensor {key!r} holds {bad} NaN/inf value(s) of {value.numel()}; "
+                                  f"these weights are unusable (a diverged run)")
 
 
 def load_training_checkpoint(path: str) -> Dict[str, Any]:
