@@ -126,27 +126,27 @@ def write_bin(path, payloads, issame):
 
 
 def test_bin_reports_pairs_and_balance(tmp_path, capsys):
-    write_bin(tmp_path / "lfw.bin", [jpeg(i) for i in range(10)], [True, True, True, False, False])
+    write_bin(tmp_path / "lfw.bin", [jpeg(i) for i in range(24)], [True] * 7 + [False] * 5)
     code, out = inspect(capsys, tmp_path / "lfw.bin")
-    assert code == 0 and "5 pairs (3 same, 2 different), items: bytes x10" in out
-    assert "checked 10 of 10 images: sizes 16x16 x10; formats jpeg x10" in out
+    assert code == 0 and "12 pairs (7 same, 5 different), items: bytes x24" in out
+    assert "checked 24 of 24 images: sizes 16x16 x24; formats jpeg x24" in out
 
 
 def test_bin_undecodable_item_is_named(tmp_path, capsys):
-    items = [jpeg(i) for i in range(4)]
+    items = [jpeg(i) for i in range(20)]
     items[3] = b"garbage"
-    write_bin(tmp_path / "x.bin", items, [True, False])
+    write_bin(tmp_path / "x.bin", items, [True, False] * 5)
     code, out = inspect(capsys, tmp_path / "x.bin", "--full")
     assert code == 1 and "x.bin item 3 (pair 1): undecodable image" in out
 
 
 def test_dataset_folder_reports_every_file(tmp_path, capsys):
     insightface(tmp_path / "pack")
-    write_bin(tmp_path / "pack" / "agedb_30.bin", [jpeg(i) for i in range(4)], [True, False])
+    write_bin(tmp_path / "pack" / "agedb_30.bin", [jpeg(i) for i in range(20)], [True, False] * 5)
     (tmp_path / "pack" / "cfp_fp.bin").write_bytes(b"not a pickle")
     code, out = inspect(capsys, tmp_path / "pack")
     assert code == 1
-    assert "agedb_30.bin: 2 pairs" in out and "cfp_fp.bin: unreadable" in out and "train.rec: insightface" in out
+    assert "agedb_30.bin: 10 pairs" in out and "cfp_fp.bin: unreadable" in out and "train.rec: insightface" in out
     assert "inspect: 3 file(s)" in out
 
 

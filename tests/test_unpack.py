@@ -13,7 +13,7 @@ import prepare_data
 from data.bins import load_bin, write_bin
 from data.pairs import make_bin
 from data.recordio import RecordIOError
-from data.unpack import payload_extension, unpack_bin, unpack_dataset, unpack_rec
+from data.unpack import MANIFEST, payload_extension, unpack_bin, unpack_dataset, unpack_rec
 from tests.cli_helpers import one_line_error
 
 Image = pytest.importorskip("PIL.Image")  # an independent decoder (pillow comes with matplotlib)
@@ -67,10 +67,12 @@ def colours(n: int) -> list[tuple[int, int, int]]:
 
 
 def files_of(out) -> dict[str, bytes]:
-    """Every file under ``out`` as 'relative/path' -> bytes."""
+    """Every file under ``out`` as 'relative/path' -> bytes (not the unpack manifest)."""
     found = {}
     for root, _, names in os.walk(out):
         for n in names:
+            if n == MANIFEST:
+                continue
             p = os.path.join(root, n)
             found[os.path.relpath(p, out).replace(os.sep, "/")] = open(p, "rb").read()
     return found
