@@ -214,7 +214,8 @@ def test_full_scan_label_of_3e9_is_a_problem(tmp_path, capsys):
 
 @pytest.mark.parametrize("pairs", [0, 1, 5, 9])
 def test_bin_with_fewer_than_10_pairs_is_a_problem(tmp_path, capsys, pairs):
-    write_bin(tmp_path / "x.bin", [jpeg(i) for i in range(2 * pairs)], [True, False] * (pairs // 2) + [True] * (pairs % 2))
+    issame = [True, False] * (pairs // 2) + [True] * (pairs % 2)
+    write_bin(tmp_path / "x.bin", [jpeg(i) for i in range(2 * pairs)], issame)
     code, out = inspect(capsys, tmp_path / "x.bin")
     assert code == 1 and "x.bin" in out and "PROBLEM" in out
 
