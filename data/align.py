@@ -22,6 +22,7 @@ import numpy as np
 
 from data.sources import IMAGE_EXTENSIONS, DataSourceError
 from utils.atomic import write_bytes
+from utils.files import UnreadableFileError, max_image_bytes, read_regular
 
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                         [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
@@ -34,6 +35,7 @@ TEMPLATES: Dict[Tuple[int, int], np.ndarray] = {
 
 _LINE = re.compile(r"^(?P<path>.+?)[\s,]+(?P<nums>(?:[^\s,]+[\s,]+){9}[^\s,]+)[\s,]*$")
 _SPLIT = re.compile(r"[\s,]+")
+MAX_COORD = 1e6  # pixels: a landmark farther out than this is in no photo (and would overflow the warp)
 
 
 class AlignError(DataSourceError):
@@ -131,6 +133,9 @@ def parse_landmarks(path: str) -> Tuple[List[Entry], List[BadLine]]:
                 bad.append(BadLine(n, "", f"path {match['path']!r} must be relative to SRC and inside it"))
             elif not np.isfinite(pts).all():
                 bad.append(BadLine(n, rel, f"landmarks {pts.ravel().tolist()} are not all finite"))
+            elif np.abs(pts).max() > MAX_COORD:
+                bad.append(BadLine(n, rel, f"landmark coordinate {np.abs(pts).max():g} is beyond {MAX_COORD:g} "
+                                           "pixels (expected pixel coordinates inside the image)"))
             elif float(((pts - pts.mean(axis=0)) ** 2).sum()) < 1e-6:
                 bad.append(BadLine(n, rel, "the 5 landmarks coincide (no face geometry)"))
             elif rel in first_line:
@@ -159,18 +164,24 @@ def _align_one(job: Tuple[str, str, str, Entry, Tuple[int, int], int]) -> str | 
     """Read, align, encode and atomically write one image; a `file:line: what` problem or None."""
     src, out, lm_path, entry, size, jpeg_quality = job
     where = f"{lm_path}:{entry.line}: {os.path.join(src, entry.path)}"
+    path = os.path.join(src, entry.path)
     try:
-        with open(os.path.join(src, entry.path), "rb") as fh:
-            data = fh.read()
+        data = read_regular(path, "image", max_image_bytes())
     except FileNotFoundError:
         return f"{where}: no such file"
+    except UnreadableFileError as exc:
+        return f"{where}: {str(exc).removeprefix(path + ': ')}"
     except OSError as exc:
         return f"{where}: unreadable ({exc.strerror or exc})"
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
         return f"{where}: not a decodable image"
     ext = os.path.splitext(entry.path)[1].lower()
-    ok, buf = cv2.imencode(ext, align_face(img, entry.points, size), _encode_params(ext, jpeg_quality))
+    try:
+        aligned = align_face(img, entry.points, size)
+    except (ValueError, OverflowError, cv2.error) as exc:  # degenerate or extreme landmarks
+        return f"{where}: cannot align ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    ok, buf = cv2.imencode(ext, aligned, _encode_params(ext, jpeg_quality))
     if not ok:
         return f"{where}: OpenCV cannot write {ext} files"
     target = os.path.join(out, entry.path)
@@ -195,8 +206,15 @@ def align_folder(src: str, out: str, landmarks: str, size: Tuple[int, int] = (11
 
     if not os.path.isdir(src):
         raise AlignError(f"{src}: no such directory (SRC must be a folder of images)")
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise AlignError(f"{out}: OUT is SRC; the originals would be overwritten (choose another OUT)")
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_src == real_out:
+        raise AlignError(f"{out}: OUT is SRC (same folder: {real_src}); the originals would be overwritten "
+                         "(choose another OUT)")
+    if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: OUT is inside SRC ({real_src}); choose an OUT outside it")
+    if real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: SRC {src} is inside OUT ({real_out}); aligned files could overwrite the "
+                         "originals: choose an OUT outside it")
     if not 0 <= jpeg_quality <= 100:
         raise AlignError(f"JPEG quality {jpeg_quality} is outside 0..100")
     size = (int(size[0]), int(size[1]))

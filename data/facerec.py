@@ -24,16 +24,23 @@ from tqdm import tqdm
 
 from data.imageformat import UNKNOWN, image_format
 from data.recordio import IR_SIZE, IRHeader, RecordIOError, RecordReader, RecordWriter, pack_irheader, unpack_irheader
+from data.sources import class_limit
+from utils.files import read_regular
 
 _FLOAT32_EXACT = 1 << 24  # largest integer range float32 labels hold exactly
 _PROGRESS_MIN = 10000  # show a progress bar when reading at least this many image headers
+_PROPERTY_MAX_BYTES = 4096  # a property file is one short line
+_MAX_SIDE = 1 << 16  # pixels: image height/width a property file may declare
 
 
-def read_property(path: str | os.PathLike) -> tuple[int, tuple[int, int]]:
-    """(num_classes, (height, width)) from an insightface ``property`` file ("C,112,112", newline optional)."""
+def read_property(path: str | os.PathLike, records: int | None = None) -> tuple[int, tuple[int, int]]:
+    """(num_classes, (height, width)) from an insightface ``property`` file ("C,112,112", newline optional).
+
+    ``records``: the size of the dataset beside it (records or images); a class count beyond
+    :func:`data.sources.class_limit` of it is refused, before anything that size is allocated.
+    """
     path = os.fspath(path)
-    with open(path, encoding="ascii", errors="replace") as f:
-        text = f.read().strip()
+    text = read_regular(path, "property file", _PROPERTY_MAX_BYTES).decode("ascii", errors="replace").strip()
     parts = [p.strip() for p in text.split(",")]
     try:
         if len(parts) != 3:
@@ -41,6 +48,11 @@ def read_property(path: str | os.PathLike) -> tuple[int, tuple[int, int]]:
         c, h, w = (int(p) for p in parts)
     except ValueError:
         raise RecordIOError(f"{path}: expected 'num_classes,height,width', got {text[:60]!r}") from None
+    if c < 1 or not (0 < h <= _MAX_SIDE and 0 < w <= _MAX_SIDE):
+        raise RecordIOError(f"{path}: {text[:60]!r} needs num_classes >= 1 and height, width in 1..{_MAX_SIDE} pixels")
+    if records is not None and c > class_limit(records):
+        raise RecordIOError(f"{path}: num_classes {c} is not believable for a pack of {records} records "
+                            f"(at most {class_limit(records)}); fix the first field of {path}")
     return c, (h, w)
 
 
@@ -82,8 +94,9 @@ class FaceRec:
         if len(self.reader) == 0:
             raise RecordIOError(f"{self.rec_path}: no records")
         prop_path = os.path.join(os.path.dirname(os.path.abspath(self.rec_path)), "property")
-        prop = read_property(prop_path) if os.path.exists(prop_path) else None
+        prop = read_property(prop_path, records=len(self.reader)) if os.path.exists(prop_path) else None
         self.image_size = prop[1] if prop else None
+        self._check_shared_offsets()
         header = self._insightface_header()
         if header is None:
             self.layout = "plain"
@@ -93,6 +106,9 @@ class FaceRec:
             return
         self.layout = "insightface"
         first_id, end = header
+        if max(first_id, end) > len(self.reader):  # every key 0..end-1 must be in the index: cheap bound first
+            raise RecordIOError(f"{self.rec_path} record 0: header range [{first_id}, {end}] runs past the "
+                                f"{len(self.reader)} records in the index (damaged header record?)")
         self.image_keys = np.arange(1, first_id, dtype=np.int64)
         missing = self._missing_keys(self.image_keys)
         if missing is not None:
@@ -109,7 +125,28 @@ class FaceRec:
     def _classes_from_labels(self, prop: tuple[int, tuple[int, int]] | None) -> int:
         """max label + 1, or the ``property`` count when larger (classes with no images at the end)."""
         found = int(self.labels.max()) + 1 if len(self.labels) else 0
+        if found > class_limit(len(self.reader)):
+            i = int(np.argmax(self.labels))
+            raise RecordIOError(f"{self.rec_path} record {int(self.image_keys[i])}: label {found - 1} is not "
+                                f"believable in a pack of {len(self.reader)} records (more than "
+                                f"{class_limit(len(self.reader))} classes); damaged label?")
         return max(found, prop[0]) if prop else found
+
+    def _check_shared_offsets(self) -> None:
+        """Two keys of the index pointing at the same record (a damaged .idx line) would count it twice."""
+        keys, offsets = self.reader.keys, self.reader.offsets
+        if len(keys) < 2:
+            return
+        order = np.argsort(keys, kind="stable")
+        last = np.append(keys[order][1:] != keys[order][:-1], True)  # duplicate keys: the last line wins
+        eff_keys, eff_offsets = keys[order][last], offsets[order][last]
+        by_offset = np.argsort(eff_offsets, kind="stable")
+        same = np.flatnonzero(eff_offsets[by_offset][1:] == eff_offsets[by_offset][:-1])
+        if same.size:
+            a, b = eff_keys[by_offset[same[0]]], eff_keys[by_offset[same[0] + 1]]
+            raise RecordIOError(f"{self.reader.idx_path or self.rec_path}: keys {a} and {b} both point at byte "
+                                f"{eff_offsets[by_offset[same[0]]]} of {self.rec_path} ({same.size} such pairs); "
+                                "the index is damaged (rebuild it, or drop it and let the .rec be scanned)")
 
     def _insightface_header(self) -> tuple[int, int] | None:
         """(first_identity_record, end) when record 0 is an insightface header, else None."""
@@ -159,10 +196,14 @@ class FaceRec:
         bar = tqdm(total=len(keys), desc=f"labels {os.path.basename(self.rec_path)}", unit="img",
                    disable=not self.progress or len(keys) < _PROGRESS_MIN)
         for i, key in enumerate(keys.tolist()):
-            head = self.reader.read_prefix(key, IR_SIZE + 4)
+            head = self.reader.read_prefix(key, IR_SIZE + 9)
             if len(head) < IR_SIZE:
                 raise RecordIOError(f"{self.rec_path} record {key}: {len(head)} bytes, shorter than an IRHeader")
             flag, value = struct.unpack_from("<If", head)
+            if flag <= 2 and len(head) <= IR_SIZE + 4 * flag:  # no payload: a header or identity record
+                raise RecordIOError(f"{self.rec_path} record {key}: no image payload after its IRHeader (flag "
+                                    f"{flag}), so it is not an image; an insightface header or identity record "
+                                    "read as an image? (record 0's header damaged)")
             if flag > 0:
                 if len(head) < IR_SIZE + 4:
                     raise RecordIOError(f"{self.rec_path} record {key}: IRHeader flag {flag} but no label values")

@@ -22,8 +22,10 @@ from data.facerec import FaceRec, header_range, read_property
 from data.imageformat import image_format
 from data.pack import decode_bgr
 from data.recordio import RecordIOError, RecordReader, read_idx, scan_offsets, unpack_irheader
-from data.sources import DataSourceError
+from data.sources import DataSourceError, class_limit
+from utils.files import UnreadableFileError
 
+MIN_PAIRS = 10  # the 10-fold protocol needs at least one pair per fold
 MAX_PROBLEMS = 1000  # problems kept per file (the total is counted): a wrong property can flag every record
 # pair counts of the published insightface files (FORMATS.md)
 KNOWN_PAIRS = {"lfw": 6000, "agedb_30": 6000, "calfw": 6000, "cplfw": 6000, "cfp_ff": 7000, "cfp_fp": 7000,
@@ -142,6 +144,11 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
         ranges = None  # reported below: key 0 is then read as an image
     report["layout"] = "insightface" if ranges else "plain"
     report["records"] = len(index)
+    _check_index(rec_path, report, index)
+    if ranges and max(ranges) > len(index):
+        report.problem(f"{rec_path} record 0: header range [{ranges[0]}, {ranges[1]}] runs past the {len(index)} "
+                       f"records in the index (damaged header record?)")
+        return None
     first_id, end = ranges if ranges else (0, 0)
     if ranges:
         image_keys = np.arange(1, first_id, dtype=np.int64)
@@ -167,6 +174,9 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
         value = _label_of(header.label)
         if not value.is_integer() or value < 0:
             report.problem(f"{rec_path} record {key}: label {value} is not a class id")
+        elif value >= class_limit(len(index)):
+            report.problem(f"{rec_path} record {key}: label {value:.0f} is not believable in a pack of "
+                           f"{len(index)} records (damaged label?)")
         else:
             labels[i] = int(value)
             if limit is not None and value >= limit:
@@ -176,6 +186,19 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
     if ranges:
         _check_identities(rec_path, report, read, index, first_id, end, labels)
     return labels
+
+
+def _check_index(rec_path: str, report: _Report, index: _Index) -> None:
+    """An empty index, or distinct keys sharing one record (a damaged .idx line), are problems."""
+    if not len(index):
+        report.problem(f"{rec_path}: the index lists no records")
+        return
+    by_offset = np.argsort(index.offsets, kind="stable")
+    same = np.flatnonzero(index.offsets[by_offset][1:] == index.offsets[by_offset][:-1])
+    for j in same[:MAX_PROBLEMS].tolist():
+        a, b = int(index.keys[by_offset[j]]), int(index.keys[by_offset[j + 1]])
+        report.problem(f"{rec_path} record {b}: the index points it at byte {int(index.offsets[by_offset[j]])}, "
+                       f"where record {a} is (damaged .idx line; that record would be counted twice)")
 
 
 def _check_identities(rec_path: str, report: _Report, read: Callable, index: _Index, first_id: int, end: int,
@@ -191,7 +214,8 @@ def _check_identities(rec_path: str, report: _Report, read: Callable, index: _In
         if got is None:
             return
         rng = np.atleast_1d(np.asarray(got[0].label, dtype=np.float64))
-        lo, hi = (int(rng[0]), int(rng[1])) if rng.size >= 2 and np.all(rng[:2] == np.round(rng[:2])) else (-1, -1)
+        lo, hi = (int(rng[0]), int(rng[1])) if rng.size >= 2 and np.all(np.isfinite(rng[:2])) \
+            and np.all(rng[:2] == np.round(rng[:2])) else (-1, -1)
         if lo != expect or hi <= lo or hi > first_id:
             report.problem(f"{rec_path} record {key}: identity record of class {c} has range {rng[:2].tolist()}, "
                            f"expected [{expect}, end) with end <= {first_id}")
@@ -210,7 +234,7 @@ def _quick_rec(rec_path: str, report: _Report, sample: int, seed: int, limit: in
     """Layout and labels through FaceRec, then a random sample of images decoded."""
     try:
         rec = FaceRec(rec_path)
-    except RecordIOError as exc:
+    except (RecordIOError, UnreadableFileError) as exc:
         report.problem(str(exc))
         report.note("run with --full to list every bad record")
         return None
@@ -243,14 +267,20 @@ def inspect_rec(path: str, full: bool = False, sample: int = 200, seed: int = 0,
         try:
             prop = read_property(prop_path)
             report["property"] = {"classes": prop[0], "size": list(prop[1])}
-        except RecordIOError as exc:
+        except (RecordIOError, UnreadableFileError) as exc:
             report.problem(str(exc))
     limit = prop[0] if prop else None
     labels = _scan_rec(path, report, limit, progress) if full else _quick_rec(path, report, sample, seed, limit)
     if labels is None:
         return dict(report)
-    good = labels[labels >= 0]
+    if limit is not None and limit > class_limit(report.get("records", 0)):
+        report.problem(f"{prop_path}: num_classes {limit} is not believable for a pack of {report['records']} "
+                       f"records (at most {class_limit(report['records'])})")
+        limit = None
+    good = labels[(labels >= 0) & (labels < class_limit(report.get("records", 0)))]
     report["images"] = len(labels)
+    if not len(labels):
+        report.problem(f"{path}: the pack holds no images")
     if len(good):
         counts = np.bincount(good, minlength=max(limit or 0, int(good.max()) + 1))
         report["label_range"] = [int(good.min()), int(good.max())]
@@ -283,6 +313,11 @@ def inspect_bin(path: str, full: bool = False, sample: int = 200, seed: int = 0,
         report.problem(str(exc))
         return dict(report)
     same = int(issame.sum())
+    if len(issame) < MIN_PAIRS:
+        report.problem(f"{path}: {len(issame)} pairs; the 10-fold verification protocol needs at least {MIN_PAIRS}")
+    elif same in (0, len(issame)):
+        report.problem(f"{path}: all {len(issame)} pairs are {'same' if same else 'different'}-person pairs; "
+                       "accuracy on it measures nothing (a damaged or wrongly made issame list?)")
     report.update(pairs=len(issame), same=same, different=len(issame) - same,
                   payload=dict(Counter(_payload_kind(x) for x in items).most_common()))
     name = os.path.splitext(os.path.basename(path))[0]

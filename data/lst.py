@@ -14,6 +14,7 @@ absolute paths are kept. Blank lines are skipped. Shared by the "lst" training s
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import List
@@ -23,6 +24,7 @@ import numpy as np
 from data.sources import DataSourceError
 
 _FORMS = "expected 'index<TAB>label<TAB>path' or 'path label'"
+MAX_CLASS_ID = (1 << 31) - 1  # a class id must fit the int32 a head or a loss indexes with
 
 
 class ListFileError(DataSourceError):
@@ -49,8 +51,8 @@ def _class_id(token: str, where: str) -> int:
         value = float(token)
     except ValueError:
         raise ListFileError(f"{where}: label {token[:40]!r} is not a number ({_FORMS})") from None
-    if not value.is_integer() or value < 0:
-        raise ListFileError(f"{where}: label {token} is not a class id (a whole number >= 0)")
+    if not math.isfinite(value) or not value.is_integer() or not 0 <= value <= MAX_CLASS_ID:
+        raise ListFileError(f"{where}: label {token[:40]} is not a class id (a whole number 0..{MAX_CLASS_ID})")
     return int(value)
 
 

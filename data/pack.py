@@ -37,7 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.imageformat import image_format
-from data.sources import SOURCES, DataSourceError, FaceSource, check_labels, open_source
+from data.sources import SOURCES, DataSourceError, FaceSource, check_labels, open_source, printable
 from utils.atomic import write_text
 
 _SHOW = 20  # problems listed on the terminal; all of them go to skipped.txt
@@ -196,7 +196,8 @@ def pack(src: str, out: str, rules: ImageRules = ImageRules(), root: str | None 
     if os.path.isdir(real_src) and (real_out + os.sep).startswith(real_src + os.sep):
         raise PackError(f"{out}: output folder is inside the input {src}; choose an output folder outside it")
     source = open_input(src, root)
-    names = getattr(source, "classes", None) or [str(c) for c in range(source.num_classes)]
+    # class folder names as written to classes.txt / printed: undecodable bytes as \xNN
+    names = [printable(n) for n in getattr(source, "classes", None) or [str(c) for c in range(source.num_classes)]]
     order = np.argsort(source.labels, kind="stable")  # class order; file order kept within a class
     result = PackResult(out)
     kept: List[int] = []  # source class of each pack class
@@ -208,7 +209,10 @@ def pack(src: str, out: str, rules: ImageRules = ImageRules(), root: str | None 
             bar.update()
             if payload is None:
                 result.skipped += 1
-                result.problems.append(f"{source.describe(i)}: {reason}")
+                where = source.describe(i)
+                file_name = where.split(" (", 1)[0]  # the reason may already start with the file's path
+                reason = reason[len(file_name) + 2:] if reason.startswith(file_name + ": ") else reason
+                result.problems.append(printable(f"{where}: {reason}"))  # file names may not be UTF-8
                 continue
             label = int(source.labels[i])
             if not kept or kept[-1] != label:

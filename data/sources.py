@@ -12,13 +12,31 @@ from typing import Callable, List, Protocol, Tuple
 
 import numpy as np
 
+from utils.files import max_image_bytes, read_regular
 from utils.registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Class counts up to this are always accepted (a head of 2**24 classes is already far past every
+# public dataset: WebFace42M has 2M); above it a count must not exceed the number of images/records,
+# so a damaged label or `property` (10**12 classes) is refused before anything that size is allocated.
+CLASS_LIMIT = 1 << 24
 
 
 class DataSourceError(ValueError):
     """A training data path that is missing or malformed (one line, names the path)."""
+
+
+def class_limit(records: int) -> int:
+    """Largest class count believable for a dataset of ``records`` images or records (see CLASS_LIMIT)."""
+    return max(CLASS_LIMIT, int(records))
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print or write as UTF-8: undecodable file-name bytes (surrogates) become ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class FaceSource(Protocol):
@@ -75,7 +93,7 @@ class RecSource:
             # `property` declares the class count the head is sized for; a label at or
             # beyond it is an error in the data (check_labels names the record), not a
             # reason to silently grow the head.
-            self.num_classes = read_property(prop)[0]
+            self.num_classes = read_property(prop, records=len(self._rec.reader))[0]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -116,8 +134,8 @@ class FolderSource:
         return len(self.files)
 
     def read(self, index: int) -> bytes:
-        with open(os.path.join(self.path, self.files[index]), "rb") as fh:
-            return fh.read()
+        """The file's bytes; a FIFO, device or over-cap file raises UnreadableFileError unread."""
+        return read_regular(os.path.join(self.path, self.files[index]), "image", max_image_bytes())
 
     def describe(self, index: int) -> str:
         return os.path.join(self.path, self.files[index])
@@ -142,17 +160,23 @@ class LstSource:
         self.files = lst.paths
         self.lines = lst.lines
         self.labels = lst.labels
-        self.classes = [str(c) for c in range(int(self.labels.max()) + 1)]
+        top = int(self.labels.max()) + 1
+        if top > class_limit(len(self.labels)):
+            i = int(np.argmax(self.labels))
+            raise DataSourceError(f"{self.describe(i)}: label {top - 1} is far beyond the {len(self.labels)} "
+                                  f"images listed (more than {class_limit(len(self.labels))} classes); "
+                                  "labels must be class ids 0..C-1")
+        self.classes = [str(c) for c in range(top)]
         prop = os.path.join(os.path.dirname(os.path.abspath(path)), "property")
-        self.num_classes = read_property(prop)[0] if os.path.isfile(prop) else len(self.classes)
+        self.num_classes = read_property(prop, records=len(self.labels))[0] if os.path.isfile(prop) else top
 
     def __len__(self) -> int:
         return len(self.files)
 
     def read(self, index: int) -> bytes:
+        """The file's bytes; a FIFO, device or over-cap file raises UnreadableFileError unread."""
         try:
-            with open(self.files[index], "rb") as fh:
-                return fh.read()
+            return read_regular(self.files[index], "image", max_image_bytes())
         except OSError as exc:
             raise DataSourceError(f"{self.describe(index)}: cannot read ({exc.strerror or exc})") from None
 
@@ -181,5 +205,5 @@ def check_labels(source: FaceSource) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= source.num_classes))
     if len(bad):
         i = int(bad[0])
-        raise DataSourceError(f"{source.describe(i)}: label {int(labels[i])} outside [0, {source.num_classes}) "
-                              f"({len(bad)} such records)")
+        raise DataSourceError(printable(f"{source.describe(i)}: label {int(labels[i])} outside "
+                                        f"[0, {source.num_classes}) ({len(bad)} such records)"))

@@ -13,13 +13,19 @@ and key), so the name order that folder readers sort by (torchvision's ImageFold
 our FolderSource) is the numeric order: class folder ``i`` gets label ``i`` again.
 
 Every file is written under a temp name and renamed, so a file that exists is complete
-and a run that was stopped can be started again: present files are skipped.
+and a run that was stopped can be started again: present files are skipped. Which pack
+a folder holds is recorded in ``OUT/.unpack.json`` (written before the first image): a
+resume of the same pack skips what is there, another pack is refused instead of being
+mixed in (its images would be "already present" under the same names). No symlink in OUT
+is followed: one where a class folder or image goes is refused by name.
 """
 
 from __future__ import annotations
 
 import copy
 import glob
+import hashlib
+import json
 import os
 import time
 from collections import Counter
@@ -34,7 +40,8 @@ from data.bins import BinFormatError, decode_bin, load_bin
 from data.facerec import FaceRec
 from data.imageformat import KNOWN_EXTENSIONS, payload_extension
 from data.recordio import RecordIOError, RecordReader, unpack_irheader
-from utils.atomic import write_atomic, write_bytes
+from data.sources import DataSourceError
+from utils.atomic import write_atomic, write_bytes, write_json
 
 # --format choices: name -> (extension, OpenCV imencode params for a JPEG quality)
 _ENCODERS: dict[str, tuple[str, Callable[[int], list[int]]]] = {
@@ -43,6 +50,72 @@ _ENCODERS: dict[str, tuple[str, Callable[[int], list[int]]]] = {
 }
 REENCODE_FORMATS = tuple(_ENCODERS)
 _CHUNK = 512  # images per task handed to a worker (bounds progress-bar latency)
+MANIFEST = ".unpack.json"  # in OUT: which pack was unpacked there (see unpack_rec)
+_SAMPLES, _SAMPLE_BYTES = 16, 4096  # .rec bytes hashed into the fingerprint: 16 evenly spaced 4 KB reads
+
+
+class UnpackError(DataSourceError):
+    """An output folder that cannot take this unpack (another pack's images, a symlink out of it)."""
+
+
+def fingerprint(reader: RecordReader) -> str:
+    """sha256 of a pack's index (keys, offsets), its .rec size and 16 evenly spaced 4 KB samples of it.
+
+    Cheap at any size (64 KB read), and two different packs share it only if they have the same
+    record layout and the same bytes at every sampled place. A copied or moved pack keeps it.
+    """
+    h = hashlib.sha256()
+    size = os.path.getsize(reader.rec_path)
+    h.update(f"{size}:{len(reader.keys)}:".encode())
+    h.update(np.ascontiguousarray(reader.keys, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(reader.offsets, dtype="<i8").tobytes())
+    with open(reader.rec_path, "rb") as fh:
+        for pos in np.linspace(0, max(size - _SAMPLE_BYTES, 0), _SAMPLES).astype(np.int64).tolist():
+            fh.seek(pos)
+            h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _claim(out_dir: str, manifest: dict, present: int) -> None:
+    """Refuse ``out_dir`` when it holds another pack's unpack; else record ``manifest`` there (atomically)."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.lexists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                old = json.load(fh)
+            old_src, old_fp, old_fmt = str(old["source"]), old["fingerprint"], old.get("format")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UnpackError(f"{path}: unreadable record of an earlier unpack; delete it (and {out_dir}'s images "
+                              f"if they are not from {manifest['source']}) or choose another OUT") from None
+        if old_fp != manifest["fingerprint"]:
+            raise UnpackError(f"{out_dir}: holds the unpack of {old_src}, a different pack from {manifest['source']}; "
+                              "choose another OUT (or delete this one) instead of mixing the two")
+        if old_fmt != manifest["format"]:
+            raise UnpackError(f"{out_dir}: was unpacked with --format {old_fmt or '(stored bytes)'}; resume with "
+                              f"the same --format, or choose another OUT")
+    elif present:
+        raise UnpackError(f"{out_dir}: already holds {present} images named like this pack's, with no record of "
+                          f"which pack they came from ({MANIFEST}); choose another OUT (or delete them)")
+    write_json(path, manifest)
+
+
+def _refuse_links(out_dir: str) -> None:
+    """No symlink where a class folder or an image of ours goes: following one would write outside OUT."""
+    if not os.path.isdir(out_dir):
+        return
+    with os.scandir(out_dir) as entries:
+        for c in entries:
+            if not c.name.isdigit():
+                continue
+            if c.is_symlink():
+                raise UnpackError(f"{c.path}: is a symlink (to {os.path.realpath(c.path)}); unpack writes only "
+                                  f"inside OUT: remove it or choose another OUT")
+            if c.is_dir(follow_symlinks=False):
+                with os.scandir(c.path) as files:
+                    for f in files:
+                        if f.is_symlink():
+                            raise UnpackError(f"{f.path}: is a symlink; unpack never writes through one: remove "
+                                              "it or choose another OUT")
 
 
 def _digits(largest: int) -> int:
@@ -189,11 +262,20 @@ def unpack_rec(
     class_w = _digits(max(rec.num_classes - 1, int(labels.max()) if len(labels) else 0))
     key_w = _digits(int(keys.max()) if len(keys) else 0)
     suffix = _ENCODERS[reencode][0] if reencode else None
+    _refuse_links(out_dir)
     done = _present(out_dir, keys, labels, class_w, key_w, suffix)
+    os.makedirs(out_dir, exist_ok=True)
+    _claim(out_dir, {"source": os.path.realpath(rec.rec_path), "rec_bytes": os.path.getsize(rec.rec_path),
+                     "records": len(rec.reader), "images": len(keys), "format": reencode,
+                     "fingerprint": fingerprint(rec.reader)}, int(done.sum()))
     todo = np.flatnonzero(~done)
     classes = np.unique(labels)
+    real_out = os.path.realpath(out_dir)
     for c in np.unique(labels[todo]).tolist():
-        os.makedirs(os.path.join(out_dir, f"{c:0{class_w}d}"), exist_ok=True)
+        folder = os.path.join(out_dir, f"{c:0{class_w}d}")
+        os.makedirs(folder, exist_ok=True)
+        if os.path.realpath(folder) != os.path.join(real_out, f"{c:0{class_w}d}"):  # a link made meanwhile
+            raise UnpackError(f"{folder}: resolves to {os.path.realpath(folder)}, outside {out_dir}; refused")
 
     job = _RecUnpacker(rec.reader, out_dir, class_w, key_w, reencode, jpeg_quality)
     workers = max(1, int(workers))

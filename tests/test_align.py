@@ -9,6 +9,7 @@ import pytest
 
 import prepare_data
 from data.align import align_face, parse_landmarks, similarity_transform, template
+from tests.cli_helpers import one_line_error
 
 # The ArcFace template as published (FORMATS.md), and insightface's 96-wide one (face_preprocess.py)
 T112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]])
@@ -151,3 +152,50 @@ def test_cli_missing_landmarks_file_is_one_line(src, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nope.txt" in err
+
+
+def _landmarks(tmp_path, src, lines=None) -> str:
+    lm = tmp_path / "lm.txt"
+    pts = template() * 2.0
+    lm.write_text(lines if lines is not None else _lm_line("alice/1.jpg", pts) + _lm_line("bob/2.jpg", pts))
+    return str(lm)
+
+
+@pytest.mark.parametrize("where", ["link_to_src", "inside_src", "src_inside_out"])
+def test_out_resolving_onto_or_around_src_is_refused(src, tmp_path, capsys, where):
+    before = {p: (src / p).read_bytes() for p in ("alice/1.jpg", "bob/2.jpg")}
+    if where == "link_to_src":
+        out = tmp_path / "link"
+        os.symlink(src, out)
+        needle = "OUT is SRC"
+    elif where == "inside_src":
+        out = src / "aligned"
+        needle = "inside SRC"
+    else:
+        out = tmp_path
+        needle = "inside OUT"
+    one_line_error(capsys, ["align", str(src), str(out), "--landmarks", _landmarks(tmp_path, src),
+                            "--no-progress"], str(out), needle)
+    assert {p: (src / p).read_bytes() for p in before} == before
+
+
+def test_huge_landmarks_are_a_bad_line_not_a_traceback(src, tmp_path, capsys):
+    pts = template() * 2.0
+    huge = "alice/1.jpg " + " ".join(["1e300"] * 10) + "\n"
+    lm = _landmarks(tmp_path, src, huge + _lm_line("bob/2.jpg", pts))
+    code = prepare_data.main(["align", str(src), str(tmp_path / "out"), "--landmarks", lm, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "lm.txt:1: landmark coordinate 1e+300 is beyond" in err
+    assert os.path.isfile(tmp_path / "out" / "bob" / "2.jpg")
+
+
+def test_fifo_where_an_image_is_listed_is_skipped_unread(src, tmp_path, capsys):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    os.remove(src / "alice" / "1.jpg")
+    os.mkfifo(src / "alice" / "1.jpg")  # open() would block forever
+    code = prepare_data.main(["align", str(src), str(tmp_path / "out"), "--landmarks", _landmarks(tmp_path, src),
+                              "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "1.jpg: is a FIFO" in err
+    assert os.path.isfile(tmp_path / "out" / "bob" / "2.jpg")

@@ -168,3 +168,45 @@ def test_header_range_rule_on_hand_built_records():
     assert header_range(_record(2, [5, 9], b"\xff\xd8\xff\xe0JFIF")) is None  # an image with a 2-value label
     assert header_range(_record(2, [5, 9], b"\x89PNG\r\n\x1a\n")) is None
     assert header_range(b"\x02\x00") is None  # shorter than an IRHeader
+
+
+def test_idx_key_pointing_at_another_records_offset_is_refused(tmp_path):
+    recs = insightface_records([(1, 3), (3, 4), (4, 7)])
+    path = write_pack_by_hand(tmp_path, recs)
+    lines = (tmp_path / "train.idx").read_text().splitlines()
+    lines[4] = "4\t" + lines[3].split("\t")[1]  # key 4 now points at record 3's bytes
+    (tmp_path / "train.idx").write_text("\n".join(lines) + "\n")
+    with pytest.raises(RecordIOError, match=r"train\.idx: keys 3 and 4 both point at byte"):
+        FaceRec(path)
+
+
+def test_header_with_zeroed_flag_and_no_property_is_refused(tmp_path):
+    """Record 0's flag zeroed: a plain reading would take the identity records as images of class 1, 3, 4."""
+    recs = insightface_records([(1, 3), (3, 4), (4, 7)])
+    recs[0] = struct.pack("<IfQQ", 0, 0.0, 0, 0) + recs[0][24:]  # flag 0; the two float32 values stay
+    path = write_pack_by_hand(tmp_path, recs)
+    with pytest.raises(RecordIOError, match=r"record 7: no image payload after its IRHeader \(flag 2\)"):
+        FaceRec(path)
+
+
+@pytest.mark.parametrize("text", ["1000000000000,112,112", "99999999999999999999999,112,112"])
+def test_property_claiming_absurd_class_count_is_refused_before_allocating(tmp_path, text):
+    recs = insightface_records([(1, 3), (3, 4), (4, 7)])
+    path = write_pack_by_hand(tmp_path, recs)
+    (tmp_path / "property").write_text(text)
+    with pytest.raises(RecordIOError, match=r"property: num_classes \d+ is not believable for a pack of 10"):
+        FaceRec(path)
+
+
+def test_header_claiming_huge_ranges_is_refused_before_allocating(tmp_path):
+    recs = insightface_records([(1, 3), (3, 4), (4, 7)])
+    recs[0] = record([2.0 ** 40, 2.0 ** 40 + 2.0 ** 20], b"")  # exact in float32
+    path = write_pack_by_hand(tmp_path, recs)
+    with pytest.raises(RecordIOError, match=r"record 0: header range \[1099511627776, 1099512676352\] runs past"):
+        FaceRec(path)
+
+
+def test_plain_label_of_3e9_is_refused(tmp_path):
+    path = write_pack_by_hand(tmp_path, {0: record(0, b"\xff\xd8\xffa"), 1: record(3e9, b"\xff\xd8\xffb")})
+    with pytest.raises(RecordIOError, match=r"record 1: label 3000000000 is not believable in a pack of 2"):
+        FaceRec(path)

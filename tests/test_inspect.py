@@ -126,27 +126,27 @@ def write_bin(path, payloads, issame):
 
 
 def test_bin_reports_pairs_and_balance(tmp_path, capsys):
-    write_bin(tmp_path / "lfw.bin", [jpeg(i) for i in range(10)], [True, True, True, False, False])
+    write_bin(tmp_path / "lfw.bin", [jpeg(i) for i in range(24)], [True] * 7 + [False] * 5)
     code, out = inspect(capsys, tmp_path / "lfw.bin")
-    assert code == 0 and "5 pairs (3 same, 2 different), items: bytes x10" in out
-    assert "checked 10 of 10 images: sizes 16x16 x10; formats jpeg x10" in out
+    assert code == 0 and "12 pairs (7 same, 5 different), items: bytes x24" in out
+    assert "checked 24 of 24 images: sizes 16x16 x24; formats jpeg x24" in out
 
 
 def test_bin_undecodable_item_is_named(tmp_path, capsys):
-    items = [jpeg(i) for i in range(4)]
+    items = [jpeg(i) for i in range(20)]
     items[3] = b"garbage"
-    write_bin(tmp_path / "x.bin", items, [True, False])
+    write_bin(tmp_path / "x.bin", items, [True, False] * 5)
     code, out = inspect(capsys, tmp_path / "x.bin", "--full")
     assert code == 1 and "x.bin item 3 (pair 1): undecodable image" in out
 
 
 def test_dataset_folder_reports_every_file(tmp_path, capsys):
     insightface(tmp_path / "pack")
-    write_bin(tmp_path / "pack" / "agedb_30.bin", [jpeg(i) for i in range(4)], [True, False])
+    write_bin(tmp_path / "pack" / "agedb_30.bin", [jpeg(i) for i in range(20)], [True, False] * 5)
     (tmp_path / "pack" / "cfp_fp.bin").write_bytes(b"not a pickle")
     code, out = inspect(capsys, tmp_path / "pack")
     assert code == 1
-    assert "agedb_30.bin: 2 pairs" in out and "cfp_fp.bin: unreadable" in out and "train.rec: insightface" in out
+    assert "agedb_30.bin: 10 pairs" in out and "cfp_fp.bin: unreadable" in out and "train.rec: insightface" in out
     assert "inspect: 3 file(s)" in out
 
 
@@ -155,3 +155,73 @@ def test_missing_path_is_a_one_line_error(tmp_path, capsys):
         prepare_data.main(["inspect", str(tmp_path / "nope")])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "nope" in err
+
+
+MODES = [(), ("--full",)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_idx_key_pointing_at_another_record_is_a_problem(tmp_path, capsys, mode):
+    offsets = insightface(tmp_path / "pack")
+    offsets[5] = offsets[4]
+    (tmp_path / "pack" / "train.idx").write_text("".join(f"{k}\t{o}\n" for k, o in offsets.items()))
+    code, out = inspect(capsys, tmp_path / "pack", *mode)
+    assert code == 1 and "PROBLEM" in out
+    assert ("keys 4 and 5 both point at byte" in out) if not mode else ("record 5: the index points it at" in out)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_header_flag_zeroed_without_property_is_a_problem(tmp_path, capsys, mode):
+    insightface(tmp_path / "pack")
+    recs = {0: record(0.0, struct.pack("<2f", 7, 9))}  # flag zeroed: the two label floats become a payload
+    recs.update({k: record((k - 1) // 3, jpeg(k)) for k in range(1, 7)})
+    recs.update({7: record([1, 4]), 8: record([4, 7])})
+    write_rec(tmp_path / "pack", recs, None)
+    (tmp_path / "pack" / "property").unlink()
+    code, out = inspect(capsys, tmp_path / "pack", *mode)
+    assert code == 1 and "PROBLEM" in out
+    assert "record 7" in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_idx_is_a_problem(tmp_path, capsys, mode):
+    insightface(tmp_path / "pack")
+    (tmp_path / "pack" / "train.idx").write_text("")
+    code, out = inspect(capsys, tmp_path / "pack", *mode)
+    assert code == 1 and ("no records" in out or "lists no records" in out)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_image_pack_is_a_problem(tmp_path, capsys, mode):
+    write_rec(tmp_path / "pack", {0: record([1, 1])}, "1,16,16\n")  # header only: images 1..0, no classes
+    code, out = inspect(capsys, tmp_path / "pack", *mode)
+    assert code == 1 and "the pack holds no images" in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_property_of_10_12_classes_is_a_problem_not_a_memory_error(tmp_path, capsys, mode):
+    insightface(tmp_path / "pack")
+    (tmp_path / "pack" / "property").write_text("1000000000000,16,16\n")
+    code, out = inspect(capsys, tmp_path / "pack", *mode)
+    assert code == 1 and "num_classes 1000000000000 is not believable for a pack of 9 records" in out
+
+
+def test_full_scan_label_of_3e9_is_a_problem(tmp_path, capsys):
+    write_rec(tmp_path / "pack", {0: record(0, jpeg(0)), 1: record(3e9, jpeg(1))}, None)
+    code, out = inspect(capsys, tmp_path / "pack", "--full")
+    assert code == 1 and "record 1: label 3000000000 is not believable" in out
+
+
+@pytest.mark.parametrize("pairs", [0, 1, 5, 9])
+def test_bin_with_fewer_than_10_pairs_is_a_problem(tmp_path, capsys, pairs):
+    issame = [True, False] * (pairs // 2) + [True] * (pairs % 2)
+    write_bin(tmp_path / "x.bin", [jpeg(i) for i in range(2 * pairs)], issame)
+    code, out = inspect(capsys, tmp_path / "x.bin")
+    assert code == 1 and "x.bin" in out and "PROBLEM" in out
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_bin_with_one_sided_pairs_is_a_problem(tmp_path, capsys, same):
+    write_bin(tmp_path / "x.bin", [jpeg(i) for i in range(24)], [same] * 12)
+    code, out = inspect(capsys, tmp_path / "x.bin")
+    assert code == 1 and f"all 12 pairs are {'same' if same else 'different'}-person pairs" in out

@@ -69,3 +69,35 @@ def test_missing_image_is_one_line_naming_it(lst):
         src.read(1)
     _, label, message = build_dataset(str(path), image_size=(16, 16))[1]
     assert label == -2 and "img/1.png" in message
+
+
+@pytest.mark.parametrize("label", ["inf", "-inf", "nan", "1e300", "3e9", "9" * 400])
+def test_inf_nan_and_huge_labels_are_one_line_errors(tmp_path, label):
+    write_image(tmp_path / "img" / "0.png", 0)
+    (tmp_path / "train.lst").write_text(f"0\t{label}\timg/0.png\n")
+    with pytest.raises(DataSourceError, match=r"train\.lst line 1: label .* is not a class id"):
+        open_source(str(tmp_path / "train.lst"))
+
+
+def test_label_far_beyond_the_list_is_refused_before_allocating(tmp_path):
+    write_image(tmp_path / "img" / "0.png", 0)
+    (tmp_path / "train.lst").write_text("0\t2000000000\timg/0.png\n")  # fits int32, but 2e9 classes for 1 image
+    with pytest.raises(DataSourceError, match=r"label 2000000000 is far beyond the 1 images"):
+        open_source(str(tmp_path / "train.lst"))
+
+
+def test_fifo_in_the_list_is_refused_unread(tmp_path):
+    import os
+
+    from utils.files import UnreadableFileError
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    write_image(tmp_path / "img" / "0.png", 0)
+    os.mkfifo(tmp_path / "img" / "1.png")  # open() would block forever
+    (tmp_path / "train.lst").write_text("0\t0\timg/0.png\n1\t0\timg/1.png\n")
+    source = open_source(str(tmp_path / "train.lst"))
+    with pytest.raises(UnreadableFileError, match=r"1\.png: is a FIFO"):
+        source.read(1)
+    ds = build_dataset(str(tmp_path / "train.lst"), image_size=(16, 16))
+    assert ds[1][1] in (-1, -2)  # a bad item for the loader to report, not a blocked worker

@@ -199,3 +199,35 @@ def test_no_usable_image_is_a_one_line_error(tmp_path, capsys):
         run_pack(tmp_path / "src", tmp_path / "out")
     assert e.value.code == 2 and "no usable images" in capsys.readouterr().err
     assert not (tmp_path / "out" / "train.rec").exists()
+
+
+def test_non_utf8_file_and_folder_names_are_packed_and_listed_printably(tmp_path, capsys):
+    root = os.fsencode(tmp_path / "src")
+    os.makedirs(os.path.join(root, b"caf\xe9"))
+    os.makedirs(os.path.join(root, b"ok"))
+    for name, data in ((b"caf\xe9/\xff\xfe.jpg", jpeg(1)), (b"ok/a.jpg", jpeg(2)), (b"ok/\xfe.jpg", b"not an image")):
+        with open(os.path.join(root, name), "wb") as fh:
+            fh.write(data)
+    code = run_pack(tmp_path / "src", tmp_path / "out")
+    captured = capsys.readouterr()
+    assert code == 1 and "ok/\\xfe.jpg: not a decodable image" in captured.err
+    recs = read_pack_by_hand(tmp_path / "out")
+    assert recs[0][1] == [3.0, 5.0] and [recs[k][2] for k in (1, 2)] == [jpeg(1), jpeg(2)]
+    assert (tmp_path / "out" / "classes.txt").read_text(encoding="utf-8") == "0\tcaf\\xe9\n1\tok\n"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_fifo_or_device_where_an_image_is_expected_is_skipped_unread(folder, tmp_path, capsys, kind):
+    target = tmp_path / "src" / "amy" / "y.jpg"
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this platform")
+        os.mkfifo(target)
+    else:
+        if not os.path.exists("/dev/zero"):
+            pytest.skip("no /dev/zero")
+        os.symlink("/dev/zero", target)
+    code = run_pack(tmp_path / "src", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 1 and f"{target}: is a {'FIFO' if kind == 'fifo' else 'device'}, not a regular image" in err
+    assert len(FaceRec(str(tmp_path / "out" / "train.rec"))) == 6

@@ -13,7 +13,7 @@ import prepare_data
 from data.bins import load_bin, write_bin
 from data.pairs import make_bin
 from data.recordio import RecordIOError
-from data.unpack import payload_extension, unpack_bin, unpack_dataset, unpack_rec
+from data.unpack import MANIFEST, UnpackError, payload_extension, unpack_bin, unpack_dataset, unpack_rec
 from tests.cli_helpers import one_line_error
 
 Image = pytest.importorskip("PIL.Image")  # an independent decoder (pillow comes with matplotlib)
@@ -67,10 +67,12 @@ def colours(n: int) -> list[tuple[int, int, int]]:
 
 
 def files_of(out) -> dict[str, bytes]:
-    """Every file under ``out`` as 'relative/path' -> bytes."""
+    """Every file under ``out`` as 'relative/path' -> bytes (not the unpack manifest)."""
     found = {}
     for root, _, names in os.walk(out):
         for n in names:
+            if n == MANIFEST:
+                continue
             p = os.path.join(root, n)
             found[os.path.relpath(p, out).replace(os.sep, "/")] = open(p, "rb").read()
     return found
@@ -334,3 +336,59 @@ def test_cli_unpack_rec_summary_line(capsys, insightface_pack, tmp_path):
     assert prepare_data.main(["unpack-rec", pack, str(tmp_path / "o"), "--no-progress"]) == 0
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1 and "11 images of 3 classes" in out and "0 skipped" in out
+
+
+def test_symlinked_class_folder_is_refused_and_nothing_written_outside(insightface_pack, tmp_path, capsys):
+    pack, _ = insightface_pack
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "out").mkdir()
+    os.symlink(elsewhere, tmp_path / "out" / "1")
+    one_line_error(capsys, ["unpack-rec", pack, str(tmp_path / "out"), "--no-progress"],
+                   os.path.join(str(tmp_path / "out"), "1"), "symlink")
+    assert os.listdir(elsewhere) == []
+
+
+def test_symlinked_image_file_is_refused(insightface_pack, tmp_path):
+    pack, _ = insightface_pack
+    target = tmp_path / "victim.jpg"
+    target.write_bytes(b"keep me")
+    (tmp_path / "out" / "0").mkdir(parents=True)
+    os.symlink(target, tmp_path / "out" / "0" / "01.jpg")
+    with pytest.raises(UnpackError) as e:
+        unpack_rec(pack, tmp_path / "out", progress=False)
+    assert "symlink" in str(e.value) and "01.jpg" in str(e.value)
+    assert target.read_bytes() == b"keep me"
+
+
+def test_another_pack_into_the_same_out_is_refused(insightface_pack, tmp_path, capsys):
+    pack_a, expected = insightface_pack
+    records_b = [(k, ir(0.0 if k < 6 else 1.0, jpeg(c))) for k, c in enumerate(colours(11))]
+    write_rec(tmp_path / "b", records_b)  # same keys 0..10 as A's images: names would collide
+    unpack_rec(pack_a, tmp_path / "out", progress=False)
+    one_line_error(capsys, ["unpack-rec", str(tmp_path / "b"), str(tmp_path / "out"), "--no-progress"],
+                   "different pack", os.path.realpath(os.path.join(pack_a, "train.rec")),
+                   str(tmp_path / "b"), "another OUT")
+    assert files_of(tmp_path / "out") == expected  # A's images untouched
+    again = unpack_rec(pack_a, tmp_path / "out", progress=False)  # resuming A still works
+    assert (again["written"], again["skipped"]) == (0, 11)
+
+
+def test_manifest_records_the_source(insightface_pack, tmp_path):
+    import json
+
+    pack, _ = insightface_pack
+    unpack_rec(pack, tmp_path / "out", progress=False)
+    with open(tmp_path / "out" / MANIFEST) as fh:
+        m = json.load(fh)
+    rec = os.path.join(pack, "train.rec")
+    assert m["source"] == os.path.realpath(rec) and m["rec_bytes"] == os.path.getsize(rec)
+    assert (m["records"], m["images"], m["format"]) == (15, 11, None) and len(m["fingerprint"]) == 64
+
+
+def test_images_without_a_manifest_are_not_taken_as_ours(insightface_pack, tmp_path):
+    pack, _ = insightface_pack
+    (tmp_path / "out" / "0").mkdir(parents=True)
+    (tmp_path / "out" / "0" / "01.jpg").write_bytes(b"from somewhere else")
+    with pytest.raises(ValueError, match="no record of which pack"):
+        unpack_rec(pack, tmp_path / "out", progress=False)
