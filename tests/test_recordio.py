@@ -222,3 +222,31 @@ def test_reader_after_pickle_and_in_forked_child(tmp_path):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert reader.read(0) == bodies[0]
+
+
+def test_fifo_as_rec_or_idx_is_refused_without_blocking(tmp_path):
+    """A FIFO where the .rec or .idx is expected: one error naming it, never a blocked open()."""
+    import threading
+
+    from data.recordio import RecordReader
+    from utils.files import UnreadableFileError
+
+    rec, idx = tmp_path / "a.rec", tmp_path / "a.idx"
+    rec.write_bytes(b"")
+    os.mkfifo(idx)
+    fifo_rec = tmp_path / "b.rec"
+    os.mkfifo(fifo_rec)
+    errors = []
+
+    def attempt():
+        for args in ((str(rec), str(idx)), (str(fifo_rec), None)):
+            try:
+                RecordReader(*args)
+            except UnreadableFileError as exc:
+                errors.append(str(exc))
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive(), "a FIFO blocked the reader"
+    assert len(errors) == 2 and "a.idx" in errors[0] and "b.rec" in errors[1] and "FIFO" in errors[1]

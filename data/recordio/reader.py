@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 
 from data.recordio.format import LEN_BITS, LEN_MASK, MAGIC, MAGIC_BYTES, RecordIOError
+from utils.files import check_regular, read_regular
 
 _READ_AHEAD = 16384  # bytes read with each chunk header: one pread covers a typical 112x112 JPEG
 _IDX_BLOCK = 1 << 26  # bytes of .idx text parsed per vectorised block (bounds memory)
@@ -62,8 +63,7 @@ def read_idx(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     RecordIOError naming the file and line number (1-based).
     """
     path = os.fspath(idx_path)
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_regular(path, ".idx file")  # a FIFO or a device is refused, never read forever
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
     if data and not data.endswith(b"\n"):
@@ -145,7 +145,7 @@ class RecordReader:
             default = os.path.splitext(self.rec_path)[0] + ".idx"
             idx_path = default if os.path.exists(default) else None
         self.idx_path = os.fspath(idx_path) if idx_path is not None else None
-        self._size = os.path.getsize(self.rec_path)
+        self._size = check_regular(self.rec_path, ".rec file")
         if self.idx_path is None:
             self.offsets = scan_offsets(self.rec_path)
             self.keys = np.arange(len(self.offsets), dtype=np.int64)
