@@ -52,7 +52,7 @@ def save_file(obj: Any, path: str) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    _remove_stale_temps(directory, os.path.basename(path))
+    _remove_stale_temps(directory)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     sink = _Sink()
     try:
@@ -91,16 +91,22 @@ class _Sink:
         self.f.flush()
 
 
-def _remove_stale_temps(directory: str, name: str) -> None:
-    """Remove ``.NAME.<pid>.tmp`` / ``.link`` left by writers that are gone (a live pid's file is kept)."""
-    pattern = re.compile(re.escape(f".{name}.") + r"(\d+)\.(tmp|link)")
+def _remove_stale_temps(directory: str) -> None:
+    """Remove hidden ``.NAME.pt.<pid>.tmp`` / ``.link`` files of writers that are gone (a live pid's are kept).
+
+    Such files are what kill -9 or a power cut leaves mid-save; no reader ever looks at them
+    (numbered_checkpoints and resumable_checkpoint match visible names only).
+    """
     for entry in os.listdir(directory):
-        m = pattern.fullmatch(entry)
+        m = _TEMP.fullmatch(entry)
         if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             try:
                 os.remove(os.path.join(directory, entry))
             except OSError:
                 pass  # another writer removed it first
+
+
+_TEMP = re.compile(r"\..+\.pth?\.(\d+)\.(?:tmp|link)")
 
 
 def _alive(pid: int) -> bool:
