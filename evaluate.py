@@ -103,33 +103,28 @@ def expand_checkpoints(paths: Sequence[str]) -> List[str]:
 
 
 def load_model(path: str, args: argparse.Namespace) -> LoadedModel:
-    """Rebuild the backbone a checkpoint describes, or `--backbone` for foreign weights."""
+    """Rebuild the backbone a checkpoint describes, or `--backbone` for foreign weights.
+
+    Every field is validated before the model is built (utils.checkpoint.describe_backbone), and
+    weights holding NaN/inf are refused: a diverged model would otherwise score a meaningless 50%.
+    """
     data = ckpt.load_file(path)
-    fmt = data.get("format") if isinstance(data, dict) else None
-    if fmt == ckpt.BACKBONE_FORMAT:
-        name, emb, order, state = data["backbone"], data["embedding_size"], data["channel_order"], data["state_dict"]
-    elif fmt == ckpt.CHECKPOINT_FORMAT:
-        conf = data.get("config", {})
-        name, emb, order = conf.get("backbone"), conf.get("embedding_size", 512), conf.get("input_order", "rgb")
-        state = data["model"]
-    else:
+    info = ckpt.describe_backbone(data, path)
+    if info is None:
         if not args.backbone:
             raise ConfigError(f"{path}: foreign weights (not written by train.py): say which architecture "
                               f"with --backbone NAME")
-        name, emb, order, state = args.backbone, args.embedding_size, "rgb", None
-    name = args.backbone or name
-    order = args.input_order or order
-    model = backbones.build(name, embedding_size=emb, channel_order=order)
-    try:
-        if state is None:
-            backbones.load_weights(model, path)
-        else:
-            problems = mismatch_report(model.state_dict(), state)
-            if problems:
-                raise ValueError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
-            model.load_state_dict(state)
-    except ValueError as exc:  # the short mismatch report, as one line
-        raise ckpt.CheckpointError(str(exc)) from None
+        info = {"backbone": args.backbone, "embedding_size": args.embedding_size, "channel_order": "rgb",
+                "state_dict": ckpt.state_dict_of(data, path)}
+    name = args.backbone or info["backbone"]
+    order = args.input_order or info["channel_order"]
+    state = info["state_dict"]
+    ckpt.check_finite(state, path)
+    model = backbones.build(name, embedding_size=info["embedding_size"], channel_order=order)
+    problems = mismatch_report(model.state_dict(), state)
+    if problems:
+        raise ckpt.CheckpointError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
+    model.load_state_dict(state)
     return LoadedModel(os.path.relpath(path), path, model, name, order)
 
 

@@ -1,55 +1,32 @@
 """Load published backbone checkpoints safely, with a short report when they do not fit.
 
-Always ``torch.load(weights_only=True)``: a checkpoint is data, never code. Accepted wrappers:
-a raw state_dict, or one under ``state_dict`` / ``net_state_dict`` / ``model`` / ``backbone``;
-``module.`` prefixes (DataParallel / DDP) are stripped.
+One loader for every weights file (utils.checkpoint.load_file): ``weights_only=True`` (a
+checkpoint is data, never code), zip CRCs checked, every failure one CheckpointError line.
+Accepted wrappers: a raw state_dict, or one under ``state_dict`` / ``net_state_dict`` /
+``model`` / ``backbone``; ``module.`` prefixes (DataParallel / DDP) are stripped.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import re
-import warnings
 from typing import Dict, List, Mapping
 
 import torch
 from torch import nn
 
-WRAPPER_KEYS = ("state_dict", "net_state_dict", "model", "backbone")
+from utils.checkpoint import WRAPPER_KEYS, load_file, state_dict_of
+
+__all__ = ["WRAPPER_KEYS", "load_state_dict_file", "load_weights", "mismatch_report"]
 _SHOW = 5  # how many names of each kind the mismatch report lists
 
 
 def load_state_dict_file(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
-    """Read ``path`` into a flat ``{key: tensor}`` dict (unwrapped, ``module.`` stripped)."""
+    """Read ``path`` into a flat ``{key: tensor}`` dict (unwrapped, ``module.`` stripped).
+
+    Raises utils.checkpoint.CheckpointError (a ValueError) naming the file and what is wrong.
+    """
     path = os.fspath(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pickle-protocol chatter from the weights-only unpickler
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"it needs code ({found.group(1)})" if found else "it holds objects other than tensors and containers"
-        raise ValueError(f"{path}: refused, {what}; only plain state_dicts are loaded (weights_only=True)") from None
-    except Exception as e:  # truncated file, not a torch file at all, ...
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
-    for key in WRAPPER_KEYS:
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
-    if not isinstance(obj, Mapping) or not obj:
-        raise ValueError(f"{path}: expected a state_dict (key -> tensor) or one wrapped under {WRAPPER_KEYS}, "
-                         f"got {type(obj).__name__}")
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in obj.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor; not a backbone state_dict")
-        while k.startswith("module."):
-            k = k[len("module."):]
-        out[k] = v
-    return out
+    return state_dict_of(load_file(path), path)
 
 
 def mismatch_report(model_sd: Mapping[str, torch.Tensor], ckpt: Mapping[str, torch.Tensor],
