@@ -33,7 +33,8 @@ CASES = {
     "norm_softmax": ("norm_softmax", {}, {}),
     "curricularface": ("curricularface", {}, {"t": 0.4}),
     "adaface": ("adaface", {}, {"batch_mean": 15.0, "batch_std": 8.0}),
-    "magface": ("magface", {}, {}),
+    "magface": ("magface", {}, {}),  # easy_margin=True by default, as the official MagLinear
+    "magface_hard": ("magface", {"easy_margin": False}, {}),
     "subcenter_arcface": ("subcenter_arcface", {"K": 3}, {}),
     "elasticface_arc": ("elasticface_arc", {}, {}),
     "elasticface_cos": ("elasticface_cos", {}, {}),
@@ -101,7 +102,10 @@ def reference(case, x, w, y, bias=None, state=None):
     if name == "magface":
         ac = a.clamp(10, 110)
         m = (0.8 - 0.45) / 100 * (ac - 10) + 0.45
-        target = torch.where(theta + m < math.pi, torch.cos(theta + m), ct - m * torch.sin(m))
+        if p.get("easy_margin", True):  # official MagLinear: margin only where cos(theta) > 0
+            target = torch.where(ct > 0, torch.cos(theta + m), ct)
+        else:  # official non-easy branch: cos - sin(pi - m)*m once theta + m passes pi
+            target = torch.where(theta + m < math.pi, torch.cos(theta + m), ct - m * torch.sin(m))
         return S * with_target(cos, y, target), 20 * (1 / ac + ac / 110 ** 2).mean()
     raise AssertionError(case)
 
@@ -218,7 +222,7 @@ def test_margin_logits_exact_pm1_cosines_are_finite_and_exact():
     torch.testing.assert_close(a[:, 0], torch.tensor([S * math.cos(0.5), S * (-1 - 0.5 * math.sin(0.5))]))
 
 
-@pytest.mark.parametrize("name,params", [("arcface", {}), ("curricularface", {}), ("magface", {}),
+@pytest.mark.parametrize("name,params", [("arcface", {}), ("curricularface", {}), ("magface", {"easy_margin": False}),
                                          ("combined", {"m1": 1.5, "m2": 0.2, "m3": 0.1}),
                                          ("combined", {"m1": 4.0, "m2": 0.0, "m3": 0.0}),
                                          ("combined", {"m1": 1.0, "m2": 1.2, "m3": 0.0})])
@@ -265,7 +269,8 @@ def test_unlabelled_rows_are_only_scaled(case):
     free = y < 0
     torch.testing.assert_close(logits[free], scale * cos[free])
     if case != "norm_softmax":  # the labelled rows do get a margin (easy_margin: only where cos > 0)
-        rows = torch.nonzero(~free & ((cos[torch.arange(6), y.clamp(min=0)] > 0) | (case != "arcface_easy")))
+        easy = case in ("arcface_easy", "magface")
+        rows = torch.nonzero(~free & ((cos[torch.arange(6), y.clamp(min=0)] > 0) | (not easy)))
         rows = rows.squeeze(1)
         assert len(rows) and (logits[rows, y[rows]] < scale * cos[rows, y[rows]]).all()
 
@@ -304,29 +309,68 @@ def check_resume(head, case, x, y):
         torch.testing.assert_close(v, u, msg=k)
 
 
-def test_sphereface_lambda_schedule_and_resume():
-    head = make_head("sphereface_m3").train()
-    head.iter.zero_()
-    assert head.lambda_ == pytest.approx(1000.0)
-    x, y = make_batch(head, torch.float32, exact=False)
-    logits0 = head(x, y).logits  # uses lambda(0) = 1000, then iter = 1
-    x64 = x.double()
-    assert int(head.iter) == 1 and head.lambda_ == pytest.approx(1000.0 / 1.12)
-    cos = F.normalize(x64) @ F.normalize(head.weight.detach().double()).T
-    ct = cos[torch.arange(len(y)), y]
-    k = torch.floor(3 * torch.acos(ct) / math.pi)
-    psi = (-1.0) ** k * torch.cos(3 * torch.acos(ct)) - 2 * k
-    want = x64.norm(dim=1) * (1000 * ct + psi) / 1001
-    torch.testing.assert_close(logits0[torch.arange(len(y)), y].double(), want, rtol=1e-5, atol=1e-4)
+def caffe_lambdas(steps, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0):
+    """The lambda of training steps 1..steps as the Caffe MarginInnerProductLayer (and Face_Pytorch's
+    SphereMarginProduct) compute it: the iteration counter is incremented first, then
+    lambda = max(lambda_min, base * (1 + gamma * iter) ** -power)."""
+    it, out = 0, []
+    for _ in range(steps):
+        it += 1
+        out.append(max(lambda_min, base * (1.0 + gamma * it) ** -power))
+    return out
+
+
+def sphereface_target(x64, w64, y, m, lam):
+    """float64 A-Softmax target logit ||x|| * (lam*cos + psi) / (1 + lam), from theta = arccos(cos)."""
+    cos = F.normalize(x64) @ F.normalize(w64).T
+    theta = torch.acos(cos[torch.arange(len(y)), y])
+    k = torch.floor(m * theta / math.pi)
+    psi = (-1.0) ** k * torch.cos(m * theta) - 2 * k
+    return x64.norm(dim=1) * (lam * torch.cos(theta) + psi) / (1 + lam)
+
+
+@pytest.mark.parametrize("schedule", [{}, {"base": 50.0, "gamma": 0.5, "power": 2.0, "lambda_min": 0.1}])
+def test_sphereface_lambda_follows_the_caffe_schedule_and_resumes(schedule):
+    head = heads.build("sphereface", D, C, m=3, **schedule).train()
+    with torch.no_grad():
+        head.weight.normal_()
+    w64 = head.weight.detach().double()
+    lams = caffe_lambdas(3, **schedule)
+    if not schedule:
+        assert lams[0] == pytest.approx(1000.0 / 1.12)  # 892.857..., the first step of the references
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(B, D, generator=g) * 20, torch.randint(0, C, (B,), generator=g)) for _ in range(3)]
+    for step, (x, y) in enumerate(batches[:2], start=1):
+        logits = head(x, y).logits
+        assert int(head.iter) == step and head.lambda_ == pytest.approx(lams[step - 1], rel=1e-12)
+        want = sphereface_target(x.double(), w64, y, 3, lams[step - 1])
+        torch.testing.assert_close(logits[torch.arange(B), y].double(), want, rtol=1e-5, atol=1e-4)
+
+    head.eval()
+    x, y = batches[2]
+    eval_logits = head(x, y).logits  # eval: uses lambda(2), the last training step's, and does not advance
+    assert int(head.iter) == 2
+    torch.testing.assert_close(eval_logits[torch.arange(B), y].double(),
+                               sphereface_target(x.double(), w64, y, 3, lams[1]), rtol=1e-5, atol=1e-4)
+
+    head.train()
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    buf.seek(0)
+    fresh = heads.build("sphereface", D, C, m=3, **schedule).train()
+    fresh.load_state_dict(torch.load(buf))
+    want = sphereface_target(x.double(), w64, y, 3, lams[2])
+    for h in (head, fresh):  # the resumed head takes step 3 exactly as the uninterrupted one
+        torch.testing.assert_close(h(x, y).logits[torch.arange(B), y].double(), want, rtol=1e-5, atol=1e-4)
+        assert int(h.iter) == 3
+
+
+def test_sphereface_lambda_property_and_floor():
+    head = heads.build("sphereface", D, C)
+    assert head.lambda_ == 1000.0  # before any training step
     for it, lam in ((10, 1000.0 / 2.2), (1000, 1000.0 / 121.0), (10_000, 5.0), (10**7, 5.0)):
         head.iter.fill_(it)
         assert head.lambda_ == pytest.approx(lam)
-    head.iter.fill_(10)
-    head.eval()
-    head(x, y)
-    assert int(head.iter) == 10  # eval forwards do not advance the schedule
-    head.train()
-    check_resume(head, "sphereface_m3", x, y)
 
 
 def test_curricularface_t_updates_over_two_steps_and_resumes():
