@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
-from .base import BACKBONES, SPECS, BackboneSpec, FaceBackbone, register_backbone
+from .base import BACKBONES, SPECS, BackboneSpec, FaceBackbone, check_channel_order, check_head_args, register_backbone
 from .checkpoint import load_state_dict_file, load_weights
 
 register = BACKBONES.register
@@ -29,8 +29,13 @@ def build(name: str, embedding_size: int = 512, dropout: float = 0.0, channel_or
 
     ``dropout`` is the drop probability (0-1) before the embedding Linear; ``channel_order`` is
     the order the weights expect ('rgb', or 'bgr' for InsightFace_Pytorch checkpoints); the input
-    fed to the model is always RGB.
+    fed to the model is always RGB. Out-of-range values (``embedding_size`` outside [1, 65536],
+    ``dropout`` outside [0, 1), an unknown channel order) raise ValueError (TypeError for a
+    wrong type) before anything is built.
     """
+    BACKBONES.get(name)  # an unknown name is reported before the arguments
+    embedding_size, dropout = check_head_args(embedding_size, dropout)
+    channel_order = check_channel_order(channel_order)
     return BACKBONES.build(name, embedding_size=embedding_size, dropout=dropout, channel_order=channel_order,
                            **kwargs)
 

@@ -10,13 +10,19 @@ Contract (every backbone, every caller):
   channels of its (RGB) input once, so BGR-trained checkpoints (InsightFace_Pytorch) work
   behind an RGB data pipeline. The flip is not a parameter and adds no state_dict key.
 * The last Linear/BN of the embedding head runs in float32 even under ``torch.autocast``,
-  so the embedding is float32 and fp16 overflow in the wide head cannot happen.
+  so the embedding is float32 and fp16 overflow in the wide head cannot happen. A model
+  converted with ``.double()`` runs that head (and everything else) in float64 and returns
+  a float64 embedding.
+* ``embedding_size`` is an integer in [1, 65536] and ``dropout`` a probability in [0, 1);
+  both are checked before any layer is built (:func:`check_head_args`).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple, TypeVar
+from typing import Any, Callable, Dict, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +30,7 @@ from torch import nn
 from utils.registry import Registry
 
 CHANNEL_ORDERS = ("rgb", "bgr")
+MAX_EMBEDDING_SIZE = 65536  # 128x the usual 512; beyond it the Linear alone would be absurd (25088 x E floats)
 
 BACKBONES = Registry("backbone")
 
@@ -72,13 +79,33 @@ def check_channel_order(channel_order: str) -> str:
     return order
 
 
+def check_head_args(embedding_size: Any, dropout: Any) -> tuple[int, float]:
+    """(embedding_size, dropout) if ``embedding_size`` is an integer in [1, 65536] and ``dropout``
+    a finite probability in [0, 1); TypeError/ValueError naming the parameter otherwise.
+    Called before any layer exists, so a typo like 10**9 never allocates."""
+    if isinstance(embedding_size, bool) or not isinstance(embedding_size, numbers.Integral):
+        raise TypeError(f"embedding_size must be an integer in [1, {MAX_EMBEDDING_SIZE}], got {embedding_size!r}")
+    if not 1 <= embedding_size <= MAX_EMBEDDING_SIZE:
+        raise ValueError(f"embedding_size must be an integer in [1, {MAX_EMBEDDING_SIZE}], got {embedding_size!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if not (math.isfinite(float(dropout)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    return int(embedding_size), float(dropout)
+
+
 def fp32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``module`` on ``x`` in float32 with autocast switched off (fp16/bf16-safe head)."""
+    """Run ``module`` on ``x`` with autocast switched off, in float32 at least (fp16/bf16-safe head).
+
+    Half-precision ``x`` (from an autocast trunk) becomes float32; float32 and float64 stay
+    as they are, so a ``.double()`` model computes its embedding in float64.
+    """
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     device_type = x.device.type
     if not torch.amp.is_autocast_available(device_type):  # e.g. 'meta' while profiling
-        return module(x.float())
+        return module(x)
     with torch.autocast(device_type=device_type, enabled=False):
-        return module(x.float())
+        return module(x)
 
 
 class FaceBackbone(nn.Module):
@@ -90,11 +117,10 @@ class FaceBackbone(nn.Module):
 
     input_size: Tuple[int, int] = (112, 112)
 
-    def __init__(self, embedding_size: int = 512, channel_order: str = "rgb") -> None:
+    def __init__(self, embedding_size: int = 512, channel_order: str = "rgb", dropout: float = 0.0) -> None:
+        """Checks ``embedding_size``, ``dropout`` and ``channel_order``: call it before building layers."""
         super().__init__()
-        if embedding_size <= 0:
-            raise ValueError(f"embedding_size must be a positive int, got {embedding_size!r}")
-        self.embedding_size = int(embedding_size)
+        self.embedding_size, _ = check_head_args(embedding_size, dropout)
         self.channel_order = check_channel_order(channel_order)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from efficientnet_pytorch import EfficientNet
 from torch import nn
 
-from .base import FaceBackbone, fp32, register_backbone
+from .base import FaceBackbone, check_head_args, fp32, register_backbone
 
 _TRUNK = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_swish")
 
@@ -61,6 +61,7 @@ class EfficientNetFace(_EfficientNetBase):
 
     def __init__(self, variant: int, embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",
                  drop_connect_rate: float = 0.2):
+        check_head_args(embedding_size, dropout)  # before the package builds anything
         # image_size=224 makes the package compute the SAME paddings for the maps our stride-1
         # stem produces from a 112 input (112, 56, 28, 14, 7).
         net = EfficientNet.from_name(f"efficientnet-b{variant}", image_size=224, include_top=False,
@@ -87,6 +88,7 @@ class EfficientNetPlain(_EfficientNetBase):
 
     def __init__(self, variant: int, embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",
                  drop_connect_rate: float | None = None):
+        check_head_args(embedding_size, dropout)  # before the package builds anything
         extra = {} if drop_connect_rate is None else {"drop_connect_rate": drop_connect_rate}
         net = EfficientNet.from_name(f"efficientnet-b{variant}", num_classes=embedding_size, dropout_rate=dropout,
                                      **extra)

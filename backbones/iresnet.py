@@ -43,7 +43,7 @@ class IResNet(FaceBackbone):
 
     def __init__(self, num_layers: int = 50, embedding_size: int = 512, dropout: float = 0.0,
                  channel_order: str = "rgb"):
-        super().__init__(embedding_size, channel_order)
+        super().__init__(embedding_size, channel_order, dropout)
         if num_layers not in STAGE_BLOCKS:
             raise ValueError(f"iresnet num_layers {num_layers!r} not one of {sorted(STAGE_BLOCKS)}")
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)

@@ -67,7 +67,7 @@ class IRBackbone(FaceBackbone):
 
     def __init__(self, num_layers: int = 50, se: bool = True, embedding_size: int = 512, dropout: float = 0.0,
                  channel_order: str = "rgb"):
-        super().__init__(embedding_size, channel_order)
+        super().__init__(embedding_size, channel_order, dropout)
         if num_layers not in STAGE_BLOCKS:
             raise ValueError(f"IR num_layers {num_layers!r} not one of {sorted(STAGE_BLOCKS)}")
         self.input_layer = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.PReLU(64))

@@ -77,7 +77,7 @@ class MobileFaceNet(FaceBackbone):
     """InsightFace_Pytorch MobileFaceNet: 112x112 -> 7x7x512 -> GDC -> Linear -> BN1d."""
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb"):
-        super().__init__(embedding_size, channel_order)
+        super().__init__(embedding_size, channel_order, dropout)
         self.conv1 = ConvBnPrelu(3, 64, 3, 2, 1)
         self.conv2_dw = ConvBnPrelu(64, 64, 3, 1, 1, groups=64)
         self.conv_23 = DepthWise(64, 64, 128, stride=2)
@@ -146,7 +146,7 @@ class MobileFaceNetArcface(FaceBackbone):
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",
                  blocks: Sequence[int] = (1, 4, 6, 2), scale: int = 2):
-        super().__init__(embedding_size, channel_order)
+        super().__init__(embedding_size, channel_order, dropout)
         w1, w2 = 64 * scale, 128 * scale
         layers: List[nn.Module] = [_conv_block(3, w1, 3, 2, 1)]
         if blocks[0] == 1:

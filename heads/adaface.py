@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import MarginHead, check_positive, gather_target, put_target, register
+from .base import MarginHead, check_positive, check_real, gather_target, put_target, register
 
 
 @register("adaface")
@@ -34,6 +34,9 @@ class AdaFace(MarginHead):
     Sharded softmax: the statistics need only the norms, which every shard has for the
     whole (gathered) batch, so the buffers stay identical on all shards. Under plain data
     parallel each rank sees its own batch; DDP's buffer broadcast then keeps rank 0's.
+
+    Ranges: s > 0; m in [0, 1] (the additive part g_add reaches 2m, the whole cosine range at
+    m = 1); h >= 0; t_alpha in [0, 1]; all finite.
     """
 
     eps = 1e-3
@@ -41,10 +44,11 @@ class AdaFace(MarginHead):
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,
                  t_alpha: float = 0.01) -> None:
         check_positive("adaface", s=s)
-        if not 0.0 <= t_alpha <= 1.0:
-            raise ValueError(f"adaface: t_alpha must be in [0, 1], got {t_alpha}")
+        m = check_real("adaface", "m", m, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        h = check_real("adaface", "h", h, ">= 0", lambda v: v >= 0.0)
+        t_alpha = check_real("adaface", "t_alpha", t_alpha, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         super().__init__(embedding_size, num_classes)
-        self.s, self.m, self.h, self.t_alpha = float(s), float(m), float(h), float(t_alpha)
+        self.s, self.m, self.h, self.t_alpha = float(s), m, h, t_alpha
         self.register_buffer("batch_mean", torch.tensor(20.0))
         self.register_buffer("batch_std", torch.tensor(100.0))
 

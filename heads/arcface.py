@@ -4,6 +4,19 @@ ArcFace (Deng et al., CVPR 2019) replaces the target logit cos(theta) by cos(the
 Sub-center ArcFace (Deng et al., ECCV 2020) gives each class K centres and keeps the
 closest. The combined margin of the ArcFace paper is cos(m1*theta + m2) - m3, which
 covers SphereFace-like (m1), ArcFace (m2) and CosFace (m3) margins.
+
+Where we differ from insightface ``recognition/arcface_torch`` (``losses.py``), and why:
+
+* gradient: arcface_torch computes the margin under ``torch.no_grad`` (arccos, + m, cos, in
+  place on the logits), so the target logit's value is cos(theta + m) but its gradient is
+  that of cos(theta) (straight-through). We differentiate cos(theta + m) itself, the
+  published loss. ``grad_mode="arcface_torch"`` reproduces theirs.
+* theta + m > pi: arcface_torch has no fallback (cos(theta + m) rises again past pi, so the
+  target logit stops decreasing in theta); we use ``cos - m*sin(m)`` there, as insightface's
+  own mxnet ArcFace and the paper's code. ``grad_mode="arcface_torch"`` drops it too.
+* combined margins: arcface_torch applies only m3 (CosFace) when m3 > 0, silently ignoring
+  m1 and m2, and refuses m1 != 1; we compute cos(m1*theta + m2) - m3 for any (m1, m2, m3).
+  With ``grad_mode="arcface_torch"`` we refuse what theirs would not compute as written.
 """
 
 from __future__ import annotations
@@ -14,7 +27,9 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from .base import MarginHead, check_positive, gather_target, put_target, register
+from .base import MarginHead, check_bool, check_int, check_positive, check_real, gather_target, put_target, register
+
+MAX_SUBCENTERS = 100  # sub-centres per class; the paper uses 3 (10 at most)
 
 # Smallest value of 1 - cos^2 under the square root: keeps sin(theta) and its gradient finite at cos = +-1.
 SIN_EPS = 1e-12
@@ -42,24 +57,62 @@ def arc_margin(cos: Tensor, m: float | Tensor, easy_margin: bool = False) -> Ten
     return torch.where(cos > -cos_m, phi, cos - m * sin_m)  # -cos(m) = cos(pi - m)
 
 
+def arc_margin_straight_through(cos: Tensor, m: float) -> Tensor:
+    """arcface_torch's target: value cos(arccos(cos) + m) (no fallback past pi), gradient that of ``cos``.
+
+    d(result)/d(cos) = 1: the margin shifts the value the softmax sees but not the direction
+    the gradient takes, as when the margin is applied in place under ``torch.no_grad``.
+    """
+    with torch.no_grad():
+        shifted = torch.cos(torch.acos(cos) + m)
+    return cos + (shifted - cos).detach()
+
+
+GRAD_MODES = ("exact", "arcface_torch")
+
+
+def check_grad_mode(head: str, grad_mode: str) -> str:
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"{head}: grad_mode must be one of {', '.join(map(repr, GRAD_MODES))}, got {grad_mode!r}")
+    return grad_mode
+
+
 @register("arcface")
 class ArcFace(MarginHead):
-    """Target logit s*cos(theta + m), others s*cos(theta); fallback as in :func:`arc_margin`."""
+    """Target logit s*cos(theta + m), others s*cos(theta); fallback as in :func:`arc_margin`.
+
+    ``m`` in [0, pi) radians, ``s`` > 0. ``grad_mode``: ``"exact"`` (default) differentiates
+    the target logit as computed; ``"arcface_torch"`` reproduces insightface arcface_torch's
+    ArcFace exactly: value cos(theta + m) with no fallback past pi, gradient straight through
+    as if the target were cos(theta) (see the module docstring). It has no easy margin.
+    """
+
+    head_name = "arcface"  # the registered name, for error messages
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 easy_margin: bool = False) -> None:
-        check_positive("arcface", s=s)
-        if not 0.0 <= m < math.pi:
-            raise ValueError(f"arcface: m must be in [0, pi) radians, got {m}")
+                 easy_margin: bool = False, grad_mode: str = "exact") -> None:
+        name = self.head_name
+        check_positive(name, s=s)
+        m = check_real(name, "m", m, "in [0, pi) radians", lambda v: 0.0 <= v < math.pi)
+        easy_margin = check_bool(name, "easy_margin", easy_margin)
+        grad_mode = check_grad_mode(name, grad_mode)
+        if easy_margin and grad_mode == "arcface_torch":
+            raise ValueError(f"{name}: easy_margin has no arcface_torch counterpart (its ArcFace never uses it); "
+                             f"use grad_mode='exact' or easy_margin=false")
         super().__init__(embedding_size, num_classes)
-        self.s, self.m, self.easy_margin = float(s), float(m), bool(easy_margin)
+        self.s, self.m, self.easy_margin, self.grad_mode = float(s), m, easy_margin, grad_mode
 
     def margin_logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
-        target = arc_margin(gather_target(cos, labels), self.m, self.easy_margin)
+        cos_y = gather_target(cos, labels)
+        if self.grad_mode == "arcface_torch":
+            target = arc_margin_straight_through(cos_y, self.m)
+        else:
+            target = arc_margin(cos_y, self.m, self.easy_margin)
         return put_target(cos, labels, target) * self.s
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, s={self.s}, m={self.m}, easy_margin={self.easy_margin}"
+        return (f"{super().extra_repr()}, s={self.s}, m={self.m}, easy_margin={self.easy_margin}, "
+                f"grad_mode={self.grad_mode!r}")
 
 
 @register("subcenter_arcface")
@@ -72,12 +125,12 @@ class SubCenterArcFace(ArcFace):
     is not part of the head.
     """
 
+    head_name = "subcenter_arcface"
+
     def __init__(self, embedding_size: int, num_classes: int, K: int = 3, s: float = 64.0, m: float = 0.5,
-                 easy_margin: bool = False) -> None:
-        if int(K) != K or K < 1:
-            raise ValueError(f"subcenter_arcface: K must be a positive integer, got {K}")
-        self.rows_per_class = int(K)
-        super().__init__(embedding_size, num_classes, s=s, m=m, easy_margin=easy_margin)
+                 easy_margin: bool = False, grad_mode: str = "exact") -> None:
+        self.rows_per_class = check_int("subcenter_arcface", "K", K, 1, MAX_SUBCENTERS)
+        super().__init__(embedding_size, num_classes, s=s, m=m, easy_margin=easy_margin, grad_mode=grad_mode)
 
     def cosine(self, embeddings: Tensor, weight: Tensor) -> Tensor:
         cos = super().cosine(embeddings, weight)
@@ -109,24 +162,40 @@ class CombinedMargin(MarginHead):
     penalty of the margin linearised at theta_max), so (1, m, 0) reproduces ArcFace
     exactly; the second makes sure the value at theta_max is not above -1 - m3, so the
     logit stays monotonic decreasing in theta across the switch.
+
+    Ranges: m1 in (0, 16], m2 in [0, pi) radians, m3 in [0, 2), s > 0. ``grad_mode`` as for
+    :class:`ArcFace`; ``"arcface_torch"`` accepts only what arcface_torch computes as written:
+    (1, m2, 0) (ArcFace, straight-through gradient, no fallback) or (1, 0, m3) (CosFace).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-                 s: float = 64.0) -> None:
-        check_positive("combined", s=s, m1=m1)
-        if m2 < 0 or m3 < 0:
-            raise ValueError(f"combined: m2 and m3 must be >= 0, got m2={m2}, m3={m3}")
+                 s: float = 64.0, grad_mode: str = "exact") -> None:
+        check_positive("combined", s=s)
+        m1 = check_real("combined", "m1", m1, "in (0, 16] (multiplicative angular margin)", lambda v: 0 < v <= 16)
+        m2 = check_real("combined", "m2", m2, "in [0, pi) radians", lambda v: 0 <= v < math.pi)
+        m3 = check_real("combined", "m3", m3, "in [0, 2) (cosine margin)", lambda v: 0 <= v < 2)
+        grad_mode = check_grad_mode("combined", grad_mode)
+        if grad_mode == "arcface_torch" and m1 != 1.0:
+            raise ValueError(f"combined: grad_mode='arcface_torch' needs m1=1 (arcface_torch refuses other m1), "
+                             f"got m1={m1}")
+        if grad_mode == "arcface_torch" and m3 > 0 and m2 > 0:
+            raise ValueError(f"combined: with m3 > 0 arcface_torch ignores m2 (it applies only the CosFace margin m3); "
+                             f"set m2=0 to reproduce it, got m2={m2}, m3={m3}")
         super().__init__(embedding_size, num_classes)
-        self.m1, self.m2, self.m3, self.s = float(m1), float(m2), float(m3), float(s)
+        self.m1, self.m2, self.m3, self.s, self.grad_mode = m1, m2, m3, float(s), grad_mode
         theta_max = (math.pi - self.m2) / self.m1
         self.threshold = math.cos(theta_max) if theta_max < math.pi else -math.inf
         self.mm = max((math.pi - theta_max) * math.sin(theta_max), 1.0 + math.cos(theta_max))
 
     def margin_logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
         cos_y = gather_target(cos, labels)
+        if self.grad_mode == "arcface_torch":  # m1 = 1 and (m2 = 0 or m3 = 0), checked above
+            target = (arc_margin_straight_through(cos_y, self.m2) if self.m2 > 0 else cos_y) - self.m3
+            return put_target(cos, labels, target) * self.s
         theta = torch.atan2(safe_sin(cos_y), cos_y)
         target = torch.where(cos_y > self.threshold, torch.cos(self.m1 * theta + self.m2), cos_y - self.mm) - self.m3
         return put_target(cos, labels, target) * self.s
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m1={self.m1}, m2={self.m2}, m3={self.m3}, s={self.s}"
+        return (f"{super().extra_repr()}, m1={self.m1}, m2={self.m2}, m3={self.m3}, s={self.s}, "
+                f"grad_mode={self.grad_mode!r}")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, NamedTuple
+import math
+import numbers
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,10 @@ HEADS = Registry("head")
 register = HEADS.register
 
 
+# Sanity bounds on the sizes a head allocates (checked before allocating): 10^8 classes is 50x the
+# largest public training set (WebFace42M, 2M identities); 65536 is the backbones' embedding cap.
+MAX_CLASSES = 100_000_000
+MAX_EMBEDDING_SIZE = 65536
 CENTRE_STD = 0.01  # initial centres ~ N(0, 0.01^2) per coordinate
 _INIT_BLOCK = 1024  # rows drawn per seeded block (see centre_rows)
 _DEFERRED = contextvars.ContextVar("facetrain_deferred_centres", default=False)
@@ -91,9 +97,9 @@ class MarginHead(nn.Module):
 
     def __init__(self, embedding_size: int, num_classes: int) -> None:
         super().__init__()
-        if embedding_size < 1 or num_classes < 1:
-            raise ValueError(f"{type(self).__name__}: embedding_size and num_classes must be >= 1, "
-                             f"got {embedding_size} and {num_classes}")
+        name = type(self).__name__
+        embedding_size = check_int(name, "embedding_size", embedding_size, 1, MAX_EMBEDDING_SIZE)
+        num_classes = check_int(name, "num_classes", num_classes, 1, MAX_CLASSES)
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         # one draw from torch's RNG (so torch.manual_seed decides the centres), then seeded blocks
@@ -159,8 +165,39 @@ def put_target(logits: Tensor, labels: Tensor, target: Tensor) -> Tensor:
     return logits.scatter(1, index, torch.where(valid, target.to(logits.dtype), keep))
 
 
-def check_positive(head: str, **values: float) -> None:
-    """ValueError naming the head and the parameter unless every value is > 0."""
+def check_real(head: str, key: str, value: Any, rule: str, ok: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a finite real number with ``ok(value)``.
+
+    TypeError for a non-number (a bool or a string from JSON head kwargs), ValueError for
+    nan/inf or a value outside the range; both name the head, the parameter and the rule
+    (e.g. "arcface: m must be a finite number in [0, pi) radians, got 5.0"), raised before
+    anything is allocated.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{head}: {key} must be a number {rule}, got {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"{head}: {key} must be a finite number {rule}, got {value!r}")
+    return v
+
+
+def check_int(head: str, key: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int if it is an integer (not a bool, not 3.5) in [low, high]; else TypeError/ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{head}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{head}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
+
+
+def check_bool(head: str, key: str, value: Any) -> bool:
+    """``value`` if it is a bool: JSON ``"false"`` (a string) would otherwise read as True."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{head}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def check_positive(head: str, **values: Any) -> None:
+    """ValueError (TypeError for a non-number) naming the head and the parameter unless each value is finite, > 0."""
     for key, value in values.items():
-        if not value > 0:
-            raise ValueError(f"{head}: {key} must be > 0, got {value}")
+        check_real(head, key, value, "> 0", lambda v: v > 0)

@@ -11,17 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import HeadOutput, MarginHead, check_positive, gather_target, put_target, register
+from .base import HeadOutput, MarginHead, check_bool, check_positive, check_real, gather_target, put_target, register
 
 
 @register("cosface", "am_softmax")
 class CosFace(MarginHead):
-    """Target logit s*(cos(theta) - m), others s*cos(theta)."""
+    """Target logit s*(cos(theta) - m), others s*cos(theta).
+
+    ``m`` in [0, 2): cosines lie in [-1, 1], so at m >= 2 the target logit could never beat any
+    other and the loss would carry no information. ``s`` > 0.
+    """
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.35) -> None:
         check_positive("cosface", s=s)
+        m = check_real("cosface", "m", m, "in [0, 2) (cosine margin)", lambda v: 0.0 <= v < 2.0)
         super().__init__(embedding_size, num_classes)
-        self.s, self.m = float(s), float(m)
+        self.s, self.m = float(s), m
 
     def margin_logits(self, cos: Tensor, labels: Tensor, norms: Tensor) -> Tensor:
         return put_target(cos, labels, gather_target(cos, labels) - self.m) * self.s
@@ -56,6 +61,7 @@ class Softmax(MarginHead):
     """
 
     def __init__(self, embedding_size: int, num_classes: int, bias: bool = True) -> None:
+        bias = check_bool("softmax", "bias", bias)
         super().__init__(embedding_size, num_classes)
         self.register_parameter("bias", nn.Parameter(torch.zeros(num_classes)) if bias else None)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .arcface import arc_margin, safe_sin
-from .base import MarginHead, check_positive, gather_target, put_target, register
+from .base import MarginHead, check_positive, check_real, gather_target, put_target, register
 
 
 @register("curricularface")
@@ -36,11 +36,10 @@ class CurricularFace(MarginHead):
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5,
                  momentum: float = 0.99) -> None:
         check_positive("curricularface", s=s)
-        if not 0.0 <= m < math.pi or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"curricularface: need m in [0, pi) and momentum in [0, 1], got m={m}, "
-                             f"momentum={momentum}")
+        m = check_real("curricularface", "m", m, "in [0, pi) radians", lambda v: 0.0 <= v < math.pi)
+        momentum = check_real("curricularface", "momentum", momentum, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         super().__init__(embedding_size, num_classes)
-        self.s, self.m, self.momentum = float(s), float(m), float(momentum)
+        self.s, self.m, self.momentum = float(s), m, momentum
         self.register_buffer("t", torch.zeros(()))
 
     def margin_logits(self, cos: Tensor, labels: Tensor, norms: Tensor, target_cos: Tensor | None = None) -> Tensor:

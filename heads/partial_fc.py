@@ -28,6 +28,20 @@ rank owns only, so it is counted once.
 
 Requirements: the same local batch size on every rank (drop_last), num_classes >= W, and a
 head whose only parameter is ``weight`` (``softmax`` with a bias is refused).
+
+Where we differ from insightface ``partial_fc_v2.PartialFC_V2`` (and why):
+
+* loss cap: theirs clamps the target probability at 1e-30 (``DistCrossEntropy``), so one
+  sample's loss is at most -log(1e-30) = 69.08 and a hopeless sample's gradient is cut off;
+  we compute -log p exactly from the log-sum-exp (the loss of the published softmax). The
+  cap binds only for badly misclassified samples (log p < -69.08: at s = 64, a target cosine
+  about 1.08 below the best one), mostly early in training.
+* sampled classes: theirs keeps int(R*n) classes per shard (floor), ours ceil(R*n) (at
+  least one negative for any R > 0, and never fewer than R asks for); both keep every
+  positive, i.e. max(that count, #positives). The difference is at most one class per shard.
+* the margin itself: see :mod:`heads.arcface` (straight-through gradient, no fallback past
+  pi, m1/m2 ignored when m3 > 0 in arcface_torch); ``grad_mode="arcface_torch"`` on the head
+  reproduces their margin.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -243,3 +244,84 @@ def test_checkpoint_built_from_published_layout_loads_strictly(name, layouts, tm
     torch.save({"state_dict": sd}, path)
     model = backbones.load_weights(backbones.build(name), path, strict=True)
     assert all(torch.equal(model.state_dict()[k], v.to(model.state_dict()[k].dtype)) for k, v in sd.items())
+
+
+# ---------------------------------------------------------------- float64
+
+# the smallest variant of each family (both layouts where a family has two)
+SMALLEST = {"iresnet": ["iresnet18"], "irse": ["ir50"], "mobilefacenet": ["mobilefacenet", "mbf"],
+            "efficientnet": ["efficientnet_b0", "efficientnet_b0_plain"]}
+
+
+def test_float64_cases_cover_every_family():
+    assert {backbones.spec(n).family for n in ALL} == set(SMALLEST)
+
+
+@pytest.mark.parametrize("name", [n for names in SMALLEST.values() for n in names])
+def test_double_model_gives_float64_embeddings(name):
+    torch.manual_seed(0)
+    model = backbones.build(name, embedding_size=8).eval()
+    x = faces()
+    with torch.no_grad():
+        want = model(x).double()
+        got = model.double()(x.double())
+    assert got.dtype == torch.float64 and got.shape == (2, 8)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * want.abs().max().item())
+
+
+def test_double_head_is_float64_and_exact():
+    """The embedding head of a .double() model against F.linear / F.batch_norm written out in float64."""
+    model = backbones.build("mbf", embedding_size=8).double().eval()
+    gdc, flatten, linear, bn = model.features.layers
+    feats = torch.randn(2, 512, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        pooled = flatten(gdc(feats))
+        want = (pooled @ linear.weight.T - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        got = model.forward_head(feats)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- argument validation
+
+def forbid_layers(monkeypatch) -> None:
+    """Make building any Conv2d fail loudly: the argument check must come first."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a layer was built before the arguments were checked")
+
+    monkeypatch.setattr(nn.Conv2d, "__init__", refuse)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"embedding_size": 0}, ValueError, r"embedding_size must be an integer in \[1, 65536\], got 0"),
+    ({"embedding_size": -512}, ValueError, "embedding_size"),
+    ({"embedding_size": 10**9}, ValueError, "embedding_size must be an integer in"),
+    ({"embedding_size": 512.0}, TypeError, "embedding_size"),
+    ({"embedding_size": True}, TypeError, "embedding_size"),
+    ({"dropout": 1.0}, ValueError, r"dropout must be a probability in \[0, 1\), got 1.0"),
+    ({"dropout": -0.1}, ValueError, "dropout"),
+    ({"dropout": float("nan")}, ValueError, "dropout"),
+    ({"dropout": "0.4"}, TypeError, "dropout"),
+])
+@pytest.mark.parametrize("name", ["iresnet18", "ir50", "mobilefacenet", "mbf", "efficientnet_b0",
+                                  "efficientnet_b0_plain"])
+def test_bad_arguments_raise_before_building(name, kwargs, error, match, monkeypatch):
+    forbid_layers(monkeypatch)
+    with pytest.raises(error, match=match) as info:
+        backbones.build(name, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("cls_args", [("iresnet", "IResNet", (18,)), ("irse", "IRBackbone", (50, False)),
+                                      ("mobilefacenet", "MobileFaceNet", ()),
+                                      ("mobilefacenet", "MobileFaceNetArcface", ()),
+                                      ("efficientnet", "EfficientNetFace", (0,)),
+                                      ("efficientnet", "EfficientNetPlain", (0,))])
+def test_classes_used_directly_check_their_arguments_first(cls_args, monkeypatch):
+    module, cls, args = cls_args
+    klass = getattr(importlib.import_module(f"backbones.{module}"), cls)
+    forbid_layers(monkeypatch)
+    with pytest.raises(ValueError, match="embedding_size"):
+        klass(*args, embedding_size=10**9)
+    with pytest.raises(ValueError, match="dropout"):
+        klass(*args, dropout=1.5)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import heads
+import losses
 
 D, C, B = 16, 10, 12
 S = 64.0
@@ -33,7 +34,8 @@ CASES = {
     "norm_softmax": ("norm_softmax", {}, {}),
     "curricularface": ("curricularface", {}, {"t": 0.4}),
     "adaface": ("adaface", {}, {"batch_mean": 15.0, "batch_std": 8.0}),
-    "magface": ("magface", {}, {}),
+    "magface": ("magface", {}, {}),  # easy_margin=True by default, as the official MagLinear
+    "magface_hard": ("magface", {"easy_margin": False}, {}),
     "subcenter_arcface": ("subcenter_arcface", {"K": 3}, {}),
     "elasticface_arc": ("elasticface_arc", {}, {}),
     "elasticface_cos": ("elasticface_cos", {}, {}),
@@ -101,7 +103,10 @@ def reference(case, x, w, y, bias=None, state=None):
     if name == "magface":
         ac = a.clamp(10, 110)
         m = (0.8 - 0.45) / 100 * (ac - 10) + 0.45
-        target = torch.where(theta + m < math.pi, torch.cos(theta + m), ct - m * torch.sin(m))
+        if p.get("easy_margin", True):  # official MagLinear: margin only where cos(theta) > 0
+            target = torch.where(ct > 0, torch.cos(theta + m), ct)
+        else:  # official non-easy branch: cos - sin(pi - m)*m once theta + m passes pi
+            target = torch.where(theta + m < math.pi, torch.cos(theta + m), ct - m * torch.sin(m))
         return S * with_target(cos, y, target), 20 * (1 / ac + ac / 110 ** 2).mean()
     raise AssertionError(case)
 
@@ -218,7 +223,7 @@ def test_margin_logits_exact_pm1_cosines_are_finite_and_exact():
     torch.testing.assert_close(a[:, 0], torch.tensor([S * math.cos(0.5), S * (-1 - 0.5 * math.sin(0.5))]))
 
 
-@pytest.mark.parametrize("name,params", [("arcface", {}), ("curricularface", {}), ("magface", {}),
+@pytest.mark.parametrize("name,params", [("arcface", {}), ("curricularface", {}), ("magface", {"easy_margin": False}),
                                          ("combined", {"m1": 1.5, "m2": 0.2, "m3": 0.1}),
                                          ("combined", {"m1": 4.0, "m2": 0.0, "m3": 0.0}),
                                          ("combined", {"m1": 1.0, "m2": 1.2, "m3": 0.0})])
@@ -265,7 +270,8 @@ def test_unlabelled_rows_are_only_scaled(case):
     free = y < 0
     torch.testing.assert_close(logits[free], scale * cos[free])
     if case != "norm_softmax":  # the labelled rows do get a margin (easy_margin: only where cos > 0)
-        rows = torch.nonzero(~free & ((cos[torch.arange(6), y.clamp(min=0)] > 0) | (case != "arcface_easy")))
+        easy = case in ("arcface_easy", "magface")
+        rows = torch.nonzero(~free & ((cos[torch.arange(6), y.clamp(min=0)] > 0) | (not easy)))
         rows = rows.squeeze(1)
         assert len(rows) and (logits[rows, y[rows]] < scale * cos[rows, y[rows]]).all()
 
@@ -304,29 +310,68 @@ def check_resume(head, case, x, y):
         torch.testing.assert_close(v, u, msg=k)
 
 
-def test_sphereface_lambda_schedule_and_resume():
-    head = make_head("sphereface_m3").train()
-    head.iter.zero_()
-    assert head.lambda_ == pytest.approx(1000.0)
-    x, y = make_batch(head, torch.float32, exact=False)
-    logits0 = head(x, y).logits  # uses lambda(0) = 1000, then iter = 1
-    x64 = x.double()
-    assert int(head.iter) == 1 and head.lambda_ == pytest.approx(1000.0 / 1.12)
-    cos = F.normalize(x64) @ F.normalize(head.weight.detach().double()).T
-    ct = cos[torch.arange(len(y)), y]
-    k = torch.floor(3 * torch.acos(ct) / math.pi)
-    psi = (-1.0) ** k * torch.cos(3 * torch.acos(ct)) - 2 * k
-    want = x64.norm(dim=1) * (1000 * ct + psi) / 1001
-    torch.testing.assert_close(logits0[torch.arange(len(y)), y].double(), want, rtol=1e-5, atol=1e-4)
+def caffe_lambdas(steps, base=1000.0, gamma=0.12, power=1.0, lambda_min=5.0):
+    """The lambda of training steps 1..steps as the Caffe MarginInnerProductLayer (and Face_Pytorch's
+    SphereMarginProduct) compute it: the iteration counter is incremented first, then
+    lambda = max(lambda_min, base * (1 + gamma * iter) ** -power)."""
+    it, out = 0, []
+    for _ in range(steps):
+        it += 1
+        out.append(max(lambda_min, base * (1.0 + gamma * it) ** -power))
+    return out
+
+
+def sphereface_target(x64, w64, y, m, lam):
+    """float64 A-Softmax target logit ||x|| * (lam*cos + psi) / (1 + lam), from theta = arccos(cos)."""
+    cos = F.normalize(x64) @ F.normalize(w64).T
+    theta = torch.acos(cos[torch.arange(len(y)), y])
+    k = torch.floor(m * theta / math.pi)
+    psi = (-1.0) ** k * torch.cos(m * theta) - 2 * k
+    return x64.norm(dim=1) * (lam * torch.cos(theta) + psi) / (1 + lam)
+
+
+@pytest.mark.parametrize("schedule", [{}, {"base": 50.0, "gamma": 0.5, "power": 2.0, "lambda_min": 0.1}])
+def test_sphereface_lambda_follows_the_caffe_schedule_and_resumes(schedule):
+    head = heads.build("sphereface", D, C, m=3, **schedule).train()
+    with torch.no_grad():
+        head.weight.normal_()
+    w64 = head.weight.detach().double()
+    lams = caffe_lambdas(3, **schedule)
+    if not schedule:
+        assert lams[0] == pytest.approx(1000.0 / 1.12)  # 892.857..., the first step of the references
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(B, D, generator=g) * 20, torch.randint(0, C, (B,), generator=g)) for _ in range(3)]
+    for step, (x, y) in enumerate(batches[:2], start=1):
+        logits = head(x, y).logits
+        assert int(head.iter) == step and head.lambda_ == pytest.approx(lams[step - 1], rel=1e-12)
+        want = sphereface_target(x.double(), w64, y, 3, lams[step - 1])
+        torch.testing.assert_close(logits[torch.arange(B), y].double(), want, rtol=1e-5, atol=1e-4)
+
+    head.eval()
+    x, y = batches[2]
+    eval_logits = head(x, y).logits  # eval: uses lambda(2), the last training step's, and does not advance
+    assert int(head.iter) == 2
+    torch.testing.assert_close(eval_logits[torch.arange(B), y].double(),
+                               sphereface_target(x.double(), w64, y, 3, lams[1]), rtol=1e-5, atol=1e-4)
+
+    head.train()
+    buf = io.BytesIO()
+    torch.save(head.state_dict(), buf)
+    buf.seek(0)
+    fresh = heads.build("sphereface", D, C, m=3, **schedule).train()
+    fresh.load_state_dict(torch.load(buf))
+    want = sphereface_target(x.double(), w64, y, 3, lams[2])
+    for h in (head, fresh):  # the resumed head takes step 3 exactly as the uninterrupted one
+        torch.testing.assert_close(h(x, y).logits[torch.arange(B), y].double(), want, rtol=1e-5, atol=1e-4)
+        assert int(h.iter) == 3
+
+
+def test_sphereface_lambda_property_and_floor():
+    head = heads.build("sphereface", D, C)
+    assert head.lambda_ == 1000.0  # before any training step
     for it, lam in ((10, 1000.0 / 2.2), (1000, 1000.0 / 121.0), (10_000, 5.0), (10**7, 5.0)):
         head.iter.fill_(it)
         assert head.lambda_ == pytest.approx(lam)
-    head.iter.fill_(10)
-    head.eval()
-    head(x, y)
-    assert int(head.iter) == 10  # eval forwards do not advance the schedule
-    head.train()
-    check_resume(head, "sphereface_m3", x, y)
 
 
 def test_curricularface_t_updates_over_two_steps_and_resumes():
@@ -411,3 +456,159 @@ def test_combined_presets_reproduce_their_heads(preset, other):
     single.load_state_dict(combined.state_dict())
     x, y = make_batch(single, torch.float32, exact=False)
     torch.testing.assert_close(combined(x, y).logits, single(x, y).logits, rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- float64 end to end
+
+# adaface: its norms are detached (official), so a finite difference through x sees what autograd does not
+FLOAT64_CASES = ([(c, "cross_entropy", {}) for c in CASES if c != "adaface"]
+                 + [(c, loss, p) for c in ("arcface", "magface_hard")
+                    for loss, p in (("cross_entropy", {"label_smoothing": 0.1}), ("focal", {"gamma": 2.0}))])
+
+
+@pytest.mark.parametrize("case,loss_name,loss_params", FLOAT64_CASES)
+def test_float64_head_and_loss_give_a_float64_loss_that_gradchecks(case, loss_name, loss_params):
+    head = make_head(case, torch.float64)
+    criterion = losses.build(loss_name, **loss_params)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, D, generator=g, dtype=torch.float64)
+    x = (x / x.norm(dim=1, keepdim=True) * torch.tensor([[20.0], [45.0], [70.0], [95.0]], dtype=torch.float64))
+    y = torch.tensor([0, 3, 3, 9])
+    w = head.weight.detach().clone()
+
+    def f(x, w):
+        out = torch.func.functional_call(head, {"weight": w}, (x, y))
+        loss = criterion(out.logits, y)
+        return loss if out.extra_loss is None else loss + out.extra_loss
+
+    loss = f(x, w)
+    assert loss.dtype == torch.float64 and loss.shape == ()
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(True), w.requires_grad_(True)), eps=1e-6, atol=1e-6,
+                                    rtol=1e-5)
+
+
+# ---------------------------------------------------------------- arcface_torch compatibility
+
+def arcface_torch_reference(x, w, y, m, s=S):
+    """float64 loss and (dL/dx, dL/dw) of arcface_torch's ArcFace + mean cross-entropy, by its definition:
+    the target logit's value is s*cos(arccos(cos) + m) (no fallback past pi), and the gradient reaches
+    the cosines as if every logit were s*cos (the margin is applied under no_grad). The gradient is
+    built by hand: dL/dlogits = (softmax(values) - onehot)/B, pulled back through s*cos only."""
+    x = x.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    cos = ((x / x.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T).clamp(-1, 1)
+    ct = cos.detach()[torch.arange(len(y)), y]
+    values = S * with_target(cos.detach(), y, torch.cos(torch.acos(ct) + m))
+    loss = F.cross_entropy(values, y)
+    upstream = (torch.softmax(values, dim=1) - F.one_hot(y, cos.shape[1]).double()) / len(y)
+    (s * cos * upstream).sum().backward()
+    return loss, x.grad, w.grad, values
+
+
+@pytest.mark.parametrize("name,params", [("arcface", {"m": 0.5}), ("arcface", {"m": 0.3}),
+                                         ("combined", {"m1": 1.0, "m2": 0.5, "m3": 0.0})])
+def test_arcface_torch_grad_mode_is_straight_through_without_fallback(name, params):
+    head = heads.build(name, D, C, grad_mode="arcface_torch", **params).double().eval()
+    with torch.no_grad():
+        head.weight.normal_()
+    x, y = make_batch(head, exact=False)  # row 0 here has theta + m > pi: no fallback in arcface_torch
+    m = params.get("m", params.get("m2"))
+    loss_ref, gx_ref, gw_ref, values = arcface_torch_reference(x, head.weight, y, m)
+    assert (torch.acos(F.normalize(x) @ F.normalize(head.weight.detach()).T)[0, y[0]] + m > math.pi)
+    x = x.clone().requires_grad_(True)
+    logits = head(x, y).logits
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(logits.detach(), values, rtol=1e-9, atol=1e-7)
+    torch.testing.assert_close(loss.detach(), loss_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, gx_ref, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, gw_ref, rtol=1e-7, atol=1e-12)
+    # and it is not the exact gradient: the exact mode differs on the same batch
+    exact = heads.build(name, D, C, **params).double().eval()
+    exact.load_state_dict(head.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    F.cross_entropy(exact(x2, y).logits, y).backward()
+    assert not torch.allclose(x2.grad, gx_ref, rtol=1e-3)
+
+
+def test_arcface_torch_combined_cosface_is_the_plain_cosine_margin():
+    combined = heads.build("combined", D, C, m1=1.0, m2=0.0, m3=0.35, grad_mode="arcface_torch").double().eval()
+    cosface = heads.build("cosface", D, C, m=0.35).double().eval()
+    cosface.load_state_dict(combined.state_dict())
+    x, y = make_batch(combined)
+    torch.testing.assert_close(combined(x, y).logits, cosface(x, y).logits)
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("combined", {"m1": 1.0, "m2": 0.3, "m3": 0.2}, "ignores m2"),
+    ("combined", {"m1": 1.5, "m2": 0.2, "m3": 0.0}, "needs m1=1"),
+    ("arcface", {"easy_margin": True}, "easy_margin"),
+])
+def test_arcface_torch_grad_mode_refuses_what_arcface_torch_does_not_compute(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        heads.build(name, D, C, grad_mode="arcface_torch", **params)
+
+
+# ---------------------------------------------------------------- parameter validation
+
+@pytest.mark.parametrize("name,params,error,match", [
+    ("arcface", {"m": 5.0}, ValueError, r"arcface: m must be a finite number in \[0, pi\) radians, got 5.0"),
+    ("arcface", {"m": -0.1}, ValueError, "arcface: m "),
+    ("arcface", {"m": float("nan")}, ValueError, "arcface: m "),
+    ("arcface", {"s": 0.0}, ValueError, "arcface: s must be a finite number > 0"),
+    ("arcface", {"s": -64.0}, ValueError, "arcface: s "),
+    ("arcface", {"s": float("nan")}, ValueError, "arcface: s "),
+    ("arcface", {"s": float("inf")}, ValueError, "arcface: s "),
+    ("arcface", {"s": "64"}, TypeError, "arcface: s must be a number"),
+    ("arcface", {"easy_margin": "false"}, TypeError, "arcface: easy_margin must be true or false"),
+    ("arcface", {"grad_mode": "straight"}, ValueError, "arcface: grad_mode must be one of 'exact', 'arcface_torch'"),
+    ("subcenter_arcface", {"m": 4.0}, ValueError, "subcenter_arcface: m "),
+    ("subcenter_arcface", {"K": 0}, ValueError, "subcenter_arcface: K "),
+    ("subcenter_arcface", {"K": 2.5}, TypeError, "subcenter_arcface: K "),
+    ("cosface", {"m": 5.0}, ValueError, r"cosface: m must be a finite number in \[0, 2\)"),
+    ("cosface", {"m": -0.2}, ValueError, "cosface: m "),
+    ("cosface", {"s": float("inf")}, ValueError, "cosface: s "),
+    ("norm_softmax", {"s": 0}, ValueError, "norm_softmax: s "),
+    ("softmax", {"bias": "yes"}, TypeError, "softmax: bias"),
+    ("combined", {"m2": 5.0}, ValueError, "combined: m2 "),
+    ("combined", {"m3": 3.0}, ValueError, "combined: m3 "),
+    ("combined", {"m1": 0.0}, ValueError, "combined: m1 "),
+    ("combined", {"m1": 1e6}, ValueError, "combined: m1 "),
+    ("sphereface", {"m": 1000}, ValueError, "sphereface: m must be an integer in"),
+    ("sphereface", {"m": 2.5}, TypeError, "sphereface: m "),
+    ("sphereface", {"base": float("inf")}, ValueError, "sphereface: base "),
+    ("sphereface", {"gamma": -1.0}, ValueError, "sphereface: gamma "),
+    ("sphereface", {"lambda_min": float("nan")}, ValueError, "sphereface: lambda_min "),
+    ("curricularface", {"m": 5.0}, ValueError, "curricularface: m "),
+    ("curricularface", {"momentum": 1.5}, ValueError, "curricularface: momentum "),
+    ("adaface", {"m": 5.0}, ValueError, "adaface: m "),
+    ("adaface", {"h": float("nan")}, ValueError, "adaface: h "),
+    ("adaface", {"t_alpha": 2.0}, ValueError, "adaface: t_alpha "),
+    ("magface", {"u_m": 5.0}, ValueError, "magface: u_m "),
+    ("magface", {"l_m": 0.9}, ValueError, "magface: u_m "),
+    ("magface", {"u_a": 5.0}, ValueError, "magface: u_a "),
+    ("magface", {"lambda_g": float("inf")}, ValueError, "magface: lambda_g "),
+    ("magface", {"easy_margin": 1}, TypeError, "magface: easy_margin"),
+    ("elasticface_arc", {"m": 5.0}, ValueError, "elasticface_arc: m "),
+    ("elasticface_arc", {"sigma": -0.1}, ValueError, "elasticface_arc: sigma "),
+    ("elasticface_cos", {"m": 5.0}, ValueError, "elasticface_cos: m "),
+])
+def test_out_of_range_parameters_raise_one_clear_error(name, params, error, match):
+    with pytest.raises(error, match=match) as info:
+        heads.build(name, D, C, **params)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("embedding_size,num_classes,error,match", [
+    (0, C, ValueError, r"embedding_size must be an integer in \[1, 65536\], got 0"),
+    (10**9, C, ValueError, "embedding_size must be an integer in"),
+    (D, 0, ValueError, "num_classes must be an integer in"),
+    (D, -5, ValueError, "num_classes "),
+    (D, 10**12, ValueError, r"num_classes must be an integer in \[1, 100000000\]"),
+    (D, 10.0, TypeError, "num_classes "),
+])
+def test_sizes_are_checked_before_the_centres_are_allocated(embedding_size, num_classes, error, match):
+    # 10**12 classes x 16 would be 64 TB: a ValueError (not a RuntimeError from the allocator) shows the order
+    with pytest.raises(error, match=match):
+        heads.build("arcface", embedding_size, num_classes)

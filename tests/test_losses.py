@@ -123,3 +123,52 @@ def test_focal_from_sample_ce_matches_formula(reduction):
     want = ((1 - torch.exp(-c)) ** 2.0 * c).mean()
     got = losses.build("focal", gamma=2.0, reduction=reduction).from_sample_ce(ce)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- precision
+
+LOSS_CASES = [("cross_entropy", {}), ("cross_entropy", {"label_smoothing": 0.2}), ("focal", {"gamma": 2.0}),
+              ("focal", {"gamma": 0.5, "reduction": "batch"})]
+
+
+def reference_loss(name, params, logits, labels):
+    """float64 loss from the definitions written out above."""
+    if name == "cross_entropy":
+        return smoothed_ce_reference(logits, labels, params.get("label_smoothing", 0.0))
+    ce = ce_per_sample(logits, labels)
+    if params.get("reduction") == "batch":
+        ce = ce.mean()
+    return ((1 - torch.exp(-ce)) ** params["gamma"] * ce).mean()
+
+
+@pytest.mark.parametrize("name,params", LOSS_CASES)
+def test_float64_logits_give_a_float64_loss_exactly(name, params):
+    logits, labels = batch()
+    logits = logits.double().requires_grad_(True)
+    got = losses.build(name, **params)(logits, labels)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference_loss(name, params, logits.detach(), labels), rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda z: losses.build(name, **params)(z, labels), (logits,))
+
+
+@pytest.mark.parametrize("name,params", LOSS_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_half_logits_are_computed_in_float32(name, params, dtype):
+    logits, labels = batch()
+    got = losses.build(name, **params)(logits.to(dtype), labels)
+    assert got.dtype == torch.float32
+    want = reference_loss(name, params, logits.to(dtype).double(), labels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,params,error,match", [
+    ("cross_entropy", {"label_smoothing": 1.0}, ValueError, r"cross_entropy: label_smoothing must be a finite number"),
+    ("cross_entropy", {"label_smoothing": float("nan")}, ValueError, "label_smoothing"),
+    ("cross_entropy", {"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a number"),
+    ("focal", {"gamma": -1.0}, ValueError, r"focal: gamma must be a finite number >= 0"),
+    ("focal", {"gamma": float("nan")}, ValueError, "focal: gamma"),
+    ("focal", {"gamma": float("inf")}, ValueError, "focal: gamma"),
+])
+def test_out_of_range_parameters_raise_one_clear_error(name, params, error, match):
+    with pytest.raises(error, match=match):
+        losses.build(name, **params)
