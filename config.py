@@ -329,16 +329,16 @@ def load_config_file(path: str) -> Dict[str, Any]:
     with the file (not text, bad syntax, an exception while it runs, not a mapping)
     is one ConfigError naming the file and, where known, the line.
     """
-    from utils.files import check_regular, read_regular  # local: no import cost for callers without a file
+    from utils.files import UnreadableFileError, check_regular, read_regular  # local: only files need it
 
     try:
         check_regular(path, "config file", MAX_CONFIG_BYTES)
+        raw = b"" if path.endswith(".py") else read_regular(path, "config file", MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
-    if path.endswith(".py"):
-        data = _python_config(path)
-    else:
-        data = _yaml_config(path, read_regular(path, "config file", MAX_CONFIG_BYTES))
+    except (UnreadableFileError, OSError) as exc:  # a folder, a FIFO, too large, unreadable: one ConfigError
+        raise ConfigError(f"config file {path!r}: {exc}") from None
+    data = _python_config(path) if path.endswith(".py") else _yaml_config(path, raw)
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {path!r} holds {type(data).__name__} {_short(data)}, "
                           f"not a mapping of config keys (key: value lines)")

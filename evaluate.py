@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigError, *user_errors()) as exc:
-        fail("evaluate.py", exc, where=f"writing under --report {args.report}" if args.report else "")
+        fail("evaluate.py", exc, where="writing the report, --save-embeddings or the .bin cache")
 
 
 def check_args(args: argparse.Namespace) -> str:

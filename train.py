@@ -40,6 +40,7 @@ from utils.trainer import Trainer
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="train.py",
         description="Train a face-recognition backbone with a margin head on insightface .rec data or an "
                     "image folder; verifies on the .bin targets beside the data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -248,7 +249,8 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
             cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
                                         else os.path.dirname(os.path.abspath(source))})
         cfg = keep_global_batch(cfg, state, given, info.world_size)
-    check_output(cfg, source)
+    if info.is_main:  # rank 0 alone: the others would race its own writes (torchrun stops them if it fails)
+        check_output(cfg, source)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
