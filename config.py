@@ -12,8 +12,10 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import runpy
+import traceback
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Sequence
@@ -23,21 +25,33 @@ class ConfigError(ValueError):
     """A bad key or value in a config file or on the command line (one line)."""
 
 
+# The largest --embedding-size accepted: refused before any layer of that width is allocated.
+MAX_EMBEDDING_SIZE = 65536
+# A config file is a few hundred bytes of text; anything past this is not one (refused unread).
+MAX_CONFIG_BYTES = 1 << 20
+
+
 @dataclass
 class Config:
-    """Every setting, with its default. Help texts are the field metadata."""
+    """Every setting, with its default. Help texts are the field metadata.
+
+    The allowed range of a number is its metadata too, checked by `check_range` wherever a value
+    enters (flags, presets, config files, a resumed run's config): "min"/"max" are inclusive
+    bounds, "gt"/"lt" exclusive ones; every int and float must be finite; a tuple's elements are
+    checked one by one; "nonempty" strings may not be blank.
+    """
 
     # --- data -------------------------------------------------------------
-    data: str = field(default="datasets/synth", metadata={"help": (
+    data: str = field(default="datasets/synth", metadata={"nonempty": True, "help": (
         "training data: a pack folder (train.rec/.idx + .bin targets), a .rec file, "
         "an image folder root/<class>/*.jpg, or several joined by commas")})
     eval_data: str = field(default="", metadata={"help": (
         "folder holding the verification .bin files (default: the first --data folder)")})
     targets: str = field(default="", metadata={"help": (
         "comma-separated verification targets (e.g. lfw,cfp_fp); empty = every .bin found")})
-    output: str = field(default="runs/default", metadata={"help": "run directory"})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes"})
-    max_bad_fraction: float = field(default=0.01, metadata={"help": (
+    output: str = field(default="runs/default", metadata={"nonempty": True, "help": "run directory"})
+    num_workers: int = field(default=2, metadata={"min": 0, "max": 256, "help": "DataLoader worker processes"})
+    max_bad_fraction: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0, "help": (
         "stop with an error naming the first bad images when more than this share of the images seen "
         "so far is undecodable (checked once a few hundred have been seen; a whole undecodable epoch always stops)")})
     decode_on_device: bool = field(default=False, metadata={"help": (
@@ -46,38 +60,43 @@ class Config:
 
     # --- model ------------------------------------------------------------
     backbone: str = field(default="mobilefacenet", metadata={"help": "backbone name (see --list-backbones)"})
-    embedding_size: int = field(default=512, metadata={"help": "embedding dimension"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout before the embedding layer"})
+    embedding_size: int = field(default=512, metadata={
+        "min": 1, "max": MAX_EMBEDDING_SIZE, "help": "embedding dimension"})
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "lt": 1.0, "help": "dropout before the embedding layer"})
     input_order: str = field(default="rgb", metadata={
         "help": "channel order the backbone sees: rgb or bgr", "choices": ("rgb", "bgr")})
     head: str = field(default="arcface", metadata={"help": "margin head name"})
-    scale: float | None = field(default=None, metadata={"help": "head scale s (default: the head's own)"})
-    margin: float | None = field(default=None, metadata={"help": "head margin m (default: the head's own)"})
+    scale: float | None = field(default=None, metadata={"gt": 0.0, "help": "head scale s (default: the head's own)"})
+    margin: float | None = field(default=None, metadata={
+        "finite": True, "help": "head margin m (default: the head's own)"})
     head_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra head parameters as JSON, e.g. '{\"easy_margin\": true}'"})
     loss: str = field(default="cross_entropy", metadata={"help": "loss name (cross_entropy, focal)"})
-    focal_gamma: float = field(default=2.0, metadata={"help": "gamma of the focal loss"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of cross-entropy"})
+    focal_gamma: float = field(default=2.0, metadata={"min": 0.0, "help": "gamma of the focal loss"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "min": 0.0, "lt": 1.0, "help": "label smoothing of cross-entropy"})
 
     # --- optimisation -----------------------------------------------------
-    epochs: int = field(default=20, metadata={"help": "training epochs"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
-    batch_size: int = field(default=128, metadata={"help": (
+    epochs: int = field(default=20, metadata={"min": 1, "help": "training epochs"})
+    max_steps: int = field(default=0, metadata={
+        "min": 0, "help": "stop after this many optimizer steps (0 = no limit)"})
+    batch_size: int = field(default=128, metadata={"min": 1, "help": (
         "images per micro-step PER PROCESS; the global batch is batch_size x processes x grad_accum")})
-    grad_accum: int = field(default=1, metadata={"help": (
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": (
         "micro-steps accumulated per optimizer step (loss divided by K; lr schedule and step counts are in "
         "optimizer steps; DDP syncs gradients on the last micro-step only)")})
-    lr: float = field(default=0.1, metadata={"help": "peak learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "weight decay (not applied to BN and biases)"})
+    lr: float = field(default=0.1, metadata={"gt": 0.0, "help": "peak learning rate"})
+    momentum: float = field(default=0.9, metadata={"min": 0.0, "lt": 1.0, "help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={
+        "min": 0.0, "help": "weight decay (not applied to BN and biases)"})
     scheduler: str = field(default="cosine", metadata={
         "help": "lr schedule after warmup", "choices": ("cosine", "step", "poly", "constant")})
-    milestones: typing.Tuple[float, ...] = field(default=(), metadata={
+    milestones: typing.Tuple[float, ...] = field(default=(), metadata={"min": 0.0,
         "help": "epochs at which the step schedule multiplies lr by --lr-gamma, e.g. 10,18,22"})
-    lr_gamma: float = field(default=0.1, metadata={"help": "step schedule factor"})
-    poly_power: float = field(default=2.0, metadata={"help": "polynomial schedule power"})
-    warmup_epochs: float = field(default=0.0, metadata={"help": "linear warmup length in epochs"})
-    grad_clip: float = field(default=5.0, metadata={"help": "clip gradient norm to this (0 = off)"})
+    lr_gamma: float = field(default=0.1, metadata={"gt": 0.0, "max": 1.0, "help": "step schedule factor"})
+    poly_power: float = field(default=2.0, metadata={"gt": 0.0, "help": "polynomial schedule power"})
+    warmup_epochs: float = field(default=0.0, metadata={"min": 0.0, "help": "linear warmup length in epochs"})
+    grad_clip: float = field(default=5.0, metadata={"min": 0.0, "help": "clip gradient norm to this (0 = off)"})
     amp: bool = field(default=False, metadata={
         "help": "mixed precision for the backbone (dtype: --amp-dtype); the margin head stays fp32"})
     amp_dtype: str = field(default="auto", metadata={
@@ -86,7 +105,7 @@ class Config:
     channels_last: bool = field(default=True, metadata={
         "help": "channels_last memory format for the backbone (faster convolutions on CPU and GPU)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the backbone (minutes of warm-up)"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1, "help": "random seed"})
     device: str = field(default="auto", metadata={"help": (
         "auto, cpu, cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK")})
 
@@ -94,33 +113,33 @@ class Config:
     partial_fc: bool = field(default=False, metadata={"help": (
         "Partial FC: class centres sharded across processes, softmax computed across shards "
         "(for 100k+ identities; works in one process too)")})
-    sample_rate: float = field(default=1.0, metadata={"help": (
+    sample_rate: float = field(default=1.0, metadata={"gt": 0.0, "max": 1.0, "help": (
         "Partial FC: fraction of each shard's classes in the softmax per step, positives always kept "
         "(0 < R <= 1; 1 = the full softmax)")})
     data_parallel: bool = field(default=True, metadata={"help": (
         "without torchrun, use every visible GPU in one process (torch.nn.DataParallel); torchrun is faster")})
-    dist_timeout: float = field(default=120.0, metadata={"help": (
+    dist_timeout: float = field(default=120.0, metadata={"gt": 0.0, "max": 10**7, "help": (
         "minutes a process waits for the others (e.g. while rank 0 evaluates or saves) before failing")})
 
     # --- evaluation, logging, checkpoints ---------------------------------
-    eval_every: int = field(default=0, metadata={
+    eval_every: int = field(default=0, metadata={"min": -1,
         "help": "verify every N steps (0 = at the end of each epoch and of training, -1 = never)"})
-    eval_batch_size: int = field(default=256, metadata={"help": "batch size of embedding extraction"})
+    eval_batch_size: int = field(default=256, metadata={"min": 1, "help": "batch size of embedding extraction"})
     tta: str = field(default="sum", metadata={
         "help": "flip test-time augmentation", "choices": ("sum", "concat", "none")})
-    log_every: int = field(default=20, metadata={"help": "log scalars every N steps"})
-    save_every: int = field(default=0, metadata={
+    log_every: int = field(default=20, metadata={"min": 1, "help": "log scalars every N steps"})
+    save_every: int = field(default=0, metadata={"min": -1,
         "help": "write checkpoint.pt every N steps (0 = each epoch, -1 = only at the end)"})
     resume: str = field(default="", metadata={"help": (
         "run directory or checkpoint.pt to resume from; 'auto' = the --output run if it has a checkpoint, "
         "else start fresh (for torchrun --max-restarts and requeued jobs)")})
-    keep: int = field(default=1, metadata={"help": (
+    keep: int = field(default=1, metadata={"min": 1, "help": (
         "training checkpoints kept: 1 = checkpoint.pt alone; K > 1 = the K newest also as checkpoint-<step>.pt "
         "(checkpoint.pt is a hard link to the newest: no extra space)")})
     overwrite: bool = field(default=False, metadata={"help": (
         "allow --output to name a folder that already holds a run (its files are replaced); "
         "without it, such a folder needs --resume")})
-    max_bad_steps: int = field(default=5, metadata={"help": (
+    max_bad_steps: int = field(default=5, metadata={"min": 1, "help": (
         "optimizer steps in a row with a NaN/inf loss or gradient (each skipped, weights untouched) "
         "before training stops; the last good checkpoint is kept")})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -171,11 +190,74 @@ def _field_type(name: str) -> Any:
     return hints[name]
 
 
+def describe(name: str) -> str:
+    """How a field is named in errors: the flag and the config key, e.g. "--lr (config key 'lr')"."""
+    return f"{flag_name(name)} (config key {name!r})"
+
+
+def range_text(name: str) -> str:
+    """The allowed values of a numeric field in words, e.g. "in [0, 1)" or ">= 1"; "" when unbounded."""
+    meta = _FIELDS[name].metadata
+    lo, lo_open = (meta["gt"], True) if "gt" in meta else (meta.get("min"), False)
+    hi, hi_open = (meta["lt"], True) if "lt" in meta else (meta.get("max"), False)
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {_num(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {_num(hi)}"
+    return ""
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def check_range(name: str, value: Any, flag: str = "") -> None:
+    """Raise a one-line ConfigError unless `value` (already of the field's type) is allowed for field `name`.
+
+    `flag` names the value in the error instead of the field's own flag (evaluate.py's --batch-size
+    is checked against eval_batch_size's range).
+    """
+    meta = _FIELDS[name].metadata
+    where = flag or describe(name)
+    if isinstance(value, str):
+        if meta.get("nonempty") and not value.strip():
+            raise ConfigError(f"{where} may not be empty")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, tuple)):
+        return
+    rule = range_text(name)
+    kind = "an integer" if isinstance(value, int) or _field_type(name) is int else "a finite number"
+    for v in value if isinstance(value, tuple) else (value,):
+        ok = math.isfinite(v)
+        if ok and "gt" in meta:
+            ok = v > meta["gt"]
+        elif ok and "min" in meta:
+            ok = v >= meta["min"]
+        if ok and "lt" in meta:
+            ok = v < meta["lt"]
+        elif ok and "max" in meta:
+            ok = v <= meta["max"]
+        if not ok:
+            each = "each value " if isinstance(value, tuple) else ""
+            raise ConfigError(f"bad value {v!r} for {where}: {each}must be {kind}{' ' + rule if rule else ''}")
+
+
+def check_config(cfg: Config) -> Config:
+    """Check every field of `cfg` against its range (see `check_range`); return `cfg`."""
+    for name in _FIELDS:
+        check_range(name, getattr(cfg, name))
+    return cfg
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert `value` (from YAML, Python or a flag string) to field `name`'s type.
 
     Raises ConfigError naming the field, the bad value and what was expected.
     """
+    if not isinstance(name, str):
+        raise ConfigError(f"config key {name!r} is not a name (keys are field names such as 'lr')")
     if name not in _FIELDS:
         raise ConfigError(f"unknown config key {name!r}{_closest(name, list(_FIELDS))}")
     tp = _field_type(name)
@@ -221,12 +303,14 @@ def coerce(name: str, value: Any) -> Any:
             out = dict(value)
         else:  # pragma: no cover - every field type is handled above
             out = value
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad value {value!r} for config key {name!r}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"bad value {value!r} for {describe(name)}: {exc}") from None
     choices = _FIELDS[name].metadata.get("choices")
     if choices and out not in choices:
-        raise ConfigError(f"bad value {out!r} for config key {name!r}{_closest(str(out), choices)} "
+        raise ConfigError(f"bad value {out!r} for {describe(name)}{_closest(str(out), choices)} "
                           f"(valid: {', '.join(choices)})")
+    if out is not None:
+        check_range(name, out)
     return out
 
 
@@ -240,32 +324,79 @@ def load_config_file(path: str) -> Dict[str, Any]:
     """Read overrides from YAML (`.yaml`/`.yml`/`.json`) or Python (`.py`).
 
     A Python file either defines `config` (a dict or an object with attributes)
-    or plain module-level names; it is the user's own file and is executed.
+    or plain module-level names; it is the user's own file and is executed (so it
+    runs with the user's rights: use only config files you trust). Whatever is wrong
+    with the file (not text, bad syntax, an exception while it runs, not a mapping)
+    is one ConfigError naming the file and, where known, the line.
     """
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    if path.endswith(".py"):
-        ns = runpy.run_path(path)
-        obj = ns.get("config")
-        if obj is None:
-            data = {k: v for k, v in ns.items() if not k.startswith("_") and k in _FIELDS or k == "preset"}
-        elif isinstance(obj, Mapping):
-            data = dict(obj)
-        else:
-            data = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-    else:
-        import yaml  # local: only config files need it
+    from utils.files import UnreadableFileError, check_regular, read_regular  # local: only files need it
 
-        with open(path, encoding="utf-8") as fh:
-            try:
-                data = yaml.safe_load(fh) or {}
-            except yaml.YAMLError as exc:
-                mark = getattr(exc, "problem_mark", None)
-                where = f" line {mark.line + 1}" if mark else ""
-                raise ConfigError(f"config file {path!r}{where}: not valid YAML") from None
+    try:
+        check_regular(path, "config file", MAX_CONFIG_BYTES)
+        raw = b"" if path.endswith(".py") else read_regular(path, "config file", MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except (UnreadableFileError, OSError) as exc:  # a folder, a FIFO, too large, unreadable: one ConfigError
+        raise ConfigError(f"config file {path!r}: {exc}") from None
+    data = _python_config(path) if path.endswith(".py") else _yaml_config(path, raw)
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {path!r} must hold a mapping of config keys")
+        raise ConfigError(f"config file {path!r} holds {type(data).__name__} {_short(data)}, "
+                          f"not a mapping of config keys (key: value lines)")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"config file {path!r}: key {key!r} is not a name (keys are field names such as 'lr')")
     return dict(data)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _python_config(path: str) -> Any:
+    """Run a Python config file and return its `config` (or its module-level field names)."""
+    try:
+        ns = runpy.run_path(path)
+    except SyntaxError as exc:
+        line = f" line {exc.lineno}" if exc.lineno else ""
+        raise ConfigError(f"config file {path!r}{line}: Python syntax error: {exc.msg}") from None
+    except Exception as exc:  # the user's code raised: where and what, not our traceback
+        here = os.path.abspath(path)
+        lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if os.path.abspath(f.filename) == here]
+        line = f" line {lines[-1]}" if lines else ""
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"config file {path!r}{line} raised {type(exc).__name__}"
+                          f"{': ' + first if first else ''}") from None
+    obj = ns.get("config")
+    if obj is None:
+        return {k: v for k, v in ns.items() if not k.startswith("_") and k in _FIELDS or k == "preset"}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if not hasattr(obj, "__dict__"):
+        raise ConfigError(f"config file {path!r}: `config` is {type(obj).__name__} {_short(obj)}, "
+                          f"not a dict or an object with attributes")
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+def _yaml_config(path: str, raw: bytes) -> Any:
+    """Parse YAML (JSON is YAML) text; an empty file is no overrides."""
+    import yaml  # local: only config files need it
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} byte {exc.start}: not UTF-8 text "
+                          "(a YAML/JSON config is text)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None)
+        raise ConfigError(f"config file {path!r}{where}: not valid YAML{': ' + problem if problem else ''}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r}: nested too deeply to be a config") from None
+    return {} if data is None else data
 
 
 def build_config(preset: str = "", config_file: str = "", overrides: Mapping[str, Any] | None = None) -> Config:
@@ -279,7 +410,7 @@ def build_config(preset: str = "", config_file: str = "", overrides: Mapping[str
                               f"(valid: {', '.join(PRESETS)})")
         cfg = apply_overrides(cfg, PRESETS[preset])
     cfg = apply_overrides(cfg, file_data)
-    return apply_overrides(cfg, overrides or {})
+    return check_config(apply_overrides(cfg, overrides or {}))
 
 
 def flag_name(name: str) -> str:
@@ -293,13 +424,17 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) 
     the preset and the config file.
     """
     parser.add_argument("--preset", default="", help=f"named preset: {', '.join(PRESETS)}")
-    parser.add_argument("--config", default="", metavar="FILE", help="YAML or Python config file")
+    parser.add_argument("--config", default="", metavar="FILE", help=(
+        "YAML/JSON or Python config file; a .py config is executed as Python code with your rights: "
+        "use only files you trust"))
     group = parser.add_argument_group("config fields (defaults shown; see config.py)")
     defaults = Config()
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
-        help_text = f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r})"
+        allowed = range_text(f.name)
+        help_text = (f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r}"
+                     f"{'; allowed: ' + allowed if allowed else ''})")
         if _field_type(f.name) is bool:
             group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
@@ -325,7 +460,7 @@ def parse_config(
     try:
         cfg = build_config(args.preset, args.config, given)
     except ConfigError as exc:
-        parser.error(str(exc).replace("config key '", "flag/key '"))
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")  # one line, without the usage block
     rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in _FIELDS})
     rest.given = given  # the fields typed on the command line (they win over a resumed run's config)
     return cfg, rest
@@ -335,10 +470,19 @@ def to_dict(cfg: Config) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
-def from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a Config from `config.json`, ignoring keys this version lacks."""
-    known = {k: v for k, v in data.items() if k in _FIELDS}
-    return apply_overrides(Config(), known)
+def from_dict(data: Mapping[str, Any], source: str = "config.json") -> Config:
+    """Rebuild a Config from `config.json` (or a checkpoint's config), ignoring keys this version lacks.
+
+    `source` names where `data` came from in the one-line ConfigError a malformed config gives.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: the saved config is {type(data).__name__} {_short(data)}, "
+                          f"not a mapping of config keys")
+    known = {k: v for k, v in data.items() if isinstance(k, str) and k in _FIELDS}
+    try:
+        return check_config(apply_overrides(Config(), known))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -25,9 +25,10 @@ import torch.nn as nn
 
 import backbones
 from backbones.checkpoint import mismatch_report
-from config import ConfigError
+from config import ConfigError, check_range
 from utils import checkpoint as ckpt
 from utils.atomic import write_atomic, write_json, write_text
+from utils.distributed import resolve_device
 from utils.embed import TTA_MODES
 from utils.errors import fail, user_errors
 from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
@@ -180,16 +181,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (ConfigError, *user_errors()) as exc:
-        fail("evaluate.py", exc)
+        fail("evaluate.py", exc, where="writing the report, --save-embeddings or the .bin cache")
+
+
+def check_args(args: argparse.Namespace) -> str:
+    """Every flag checked before any checkpoint is loaded or .bin decoded; returns the device.
+
+    Numbers use the training config's ranges (one place): --batch-size that of --eval-batch-size.
+    """
+    check_range("eval_batch_size", args.batch_size, flag="--batch-size")
+    check_range("embedding_size", args.embedding_size, flag="--embedding-size")
+    device = str(resolve_device(args.device))
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"{args.data}: no such data folder")
+    for flag, folder in (("--report", args.report), ("--save-embeddings", args.save_embeddings)):
+        if folder and os.path.lexists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{flag} {folder}: exists and is not a folder (it names the folder to write into)")
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = args.device
-    if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"{args.data}: no such data folder")
+    device = check_args(args)
     paths = expand_checkpoints(args.checkpoints)
     first = load_model(paths[0], args)  # a bad checkpoint fails before minutes of decoding
     names = [t for t in args.targets.split(",") if t] or None

@@ -47,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
     try:
         return _commands()[args.command].run(args)
-    except user_errors() as exc:
-        fail(f"prepare_data.py {args.command}", exc)
+    except user_errors() as exc:  # OSError included: a full or read-only output folder is one line too
+        out = getattr(args, "out", "")
+        fail(f"prepare_data.py {args.command}", exc, where=f"writing under {out}" if out else "")
 
 
 if __name__ == "__main__":

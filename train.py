@@ -40,6 +40,7 @@ from utils.trainer import Trainer
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="train.py",
         description="Train a face-recognition backbone with a margin head on insightface .rec data or an "
                     "image folder; verifies on the .bin targets beside the data.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -67,8 +68,10 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
         params["m"] = cfg.margin
     try:
         return heads.build(cfg.head, cfg.embedding_size, num_classes, **params)
-    except TypeError as exc:  # a parameter this head does not take, e.g. --margin for softmax
-        raise ConfigError(f"--head {cfg.head}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a parameter this head does not take or rejects (--margin 5)
+        flags = {"s": "--scale", "m": "--margin"}
+        given = ", ".join(f"{flags.get(k, '--head-kwargs ' + k)} {v!r}" for k, v in params.items())
+        raise ConfigError(f"--head {cfg.head}{' with ' + given if given else ''}: {exc}") from None
 
 
 def build_loss(cfg: Config) -> nn.Module:
@@ -82,8 +85,14 @@ def build_loss(cfg: Config) -> nn.Module:
 
 
 def build_backbone(cfg: Config) -> nn.Module:
-    return backbones.build(cfg.backbone, embedding_size=cfg.embedding_size, dropout=cfg.dropout,
-                           channel_order=cfg.input_order)
+    try:
+        return backbones.build(cfg.backbone, embedding_size=cfg.embedding_size, dropout=cfg.dropout,
+                               channel_order=cfg.input_order)
+    except (TypeError, ValueError) as exc:  # a value this architecture rejects; an unknown name stays itself
+        if isinstance(exc, user_errors()):
+            raise
+        raise ConfigError(f"--backbone {cfg.backbone} with --embedding-size {cfg.embedding_size}, "
+                          f"--dropout {cfg.dropout}: {exc}") from None
 
 
 def make_evaluator(cfg: Config, device: torch.device, log) -> Any:
@@ -138,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(cfg, rest.given)
     except (ConfigError, *user_errors()) as exc:
-        fail("train.py", exc)
+        fail("train.py", exc, where=f"writing under --output {cfg.output}")
 
 
 def resume_source(cfg: Config) -> str:
@@ -150,13 +159,45 @@ def resume_source(cfg: Config) -> str:
 
 
 def check_values(cfg: Config) -> None:
-    """Values no type check catches, as one-line errors before any work starts."""
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ConfigError(f"--batch-size and --grad-accum must be >= 1, got {cfg.batch_size} and {cfg.grad_accum}")
-    if not 0.0 < cfg.sample_rate <= 1.0:
-        raise ConfigError(f"--sample-rate must be in (0, 1], got {cfg.sample_rate}")
+    """What the per-field ranges (config.check_range) cannot see, as one-line errors before any work starts."""
+    if not [p for p in cfg.data.split(",") if p.strip()]:
+        raise ConfigError(f"--data {cfg.data!r} names no data (a pack folder, a .rec, or an image folder)")
     if cfg.sample_rate < 1.0 and not cfg.partial_fc:
         raise ConfigError("--sample-rate below 1 samples Partial FC's classes: add --partial-fc")
+
+
+RUN_FILES = ("checkpoint.pt", "backbone.pt", "config.json")
+
+
+def check_output(cfg: Config, source: str) -> None:
+    """Refuse an --output that is a file, or that holds another run, unless resuming it or --overwrite.
+
+    `source` is the checkpoint being resumed ("" for a fresh start). --resume auto on a folder whose
+    run never saved a checkpoint starts it again (what a requeued job wants).
+    """
+    out = cfg.output
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output {out}: exists and is not a folder (a run directory is a folder)")
+    if cfg.overwrite or not os.path.isdir(out):
+        return
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not held or (not source and cfg.resume == "auto"):
+        return
+    if source:
+        run_dir = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+        if os.path.realpath(run_dir) == os.path.realpath(out):
+            return
+    raise ConfigError(f"--output {out} already holds a run ({', '.join(held)}): give --resume {out} to continue it, "
+                      f"or --overwrite to replace it")
+
+
+def check_batch_fits(cfg: Config, num_images: int, world_size: int) -> None:
+    """One optimizer step must fit in the data: name the flags to change, before anything is built."""
+    step = cfg.batch_size * world_size * cfg.grad_accum
+    if num_images < step:
+        raise ConfigError(f"--batch-size {cfg.batch_size} x {world_size} process(es) x --grad-accum {cfg.grad_accum} "
+                          f"= {step} images per step, but --data {cfg.data} holds only {num_images}: "
+                          f"lower --batch-size")
 
 
 def keep_global_batch(cfg: Config, state: Dict[str, Any], given: Dict[str, Any], world_size: int) -> Config:
@@ -182,10 +223,7 @@ def run(cfg: Config, given: Dict[str, Any]) -> int:
 
 
 def init_distributed(cfg: Config) -> tuple[DistInfo, torch.device]:
-    try:
-        return dist_utils.init(cfg.device, cfg.dist_timeout)
-    except RuntimeError as exc:
-        raise ConfigError(str(exc)) from None
+    return dist_utils.init(cfg.device, cfg.dist_timeout)  # a bad --device: DeviceError, one line
 
 
 def describe_amp(cfg: Config, device: torch.device) -> str:
@@ -205,11 +243,14 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if source:
         state = ckpt.load_training_checkpoint(source)
         # the resumed run's config, with what was typed now on top (e.g. more --epochs)
-        cfg = apply_overrides(from_dict(state["config"]), {**given, "resume": source})
+        cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
+                              {**given, "resume": source})
         if "output" not in given:
             cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
                                         else os.path.dirname(os.path.abspath(source))})
         cfg = keep_global_batch(cfg, state, given, info.world_size)
+    if info.is_main:  # rank 0 alone: the others would race its own writes (torchrun stops them if it fails)
+        check_output(cfg, source)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -225,6 +266,7 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     with deferred_centres() if cfg.partial_fc else contextlib.nullcontext():  # each rank draws its shard only
         head = build_head(cfg, dataset.num_classes)
     criterion = build_loss(cfg)
+    check_batch_fits(cfg, len(dataset), info.world_size)
     if cfg.partial_fc:
         try:
             head = PartialFC(head, criterion, sample_rate=cfg.sample_rate, rank=info.rank,

@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(ValueError):
+    """A --device this machine does not have or torch does not know (one line, names the flag's value)."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """This process's place in the job. ``world_size`` 1 means no process group."""
@@ -52,13 +56,9 @@ def init(device: str = "auto", timeout_minutes: float = 120.0) -> tuple[DistInfo
         return DistInfo(), _single_device(device)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
+        dev = resolve_device(f"cuda:{local if dev.index is None else dev.index}")
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
@@ -68,11 +68,29 @@ def init(device: str = "auto", timeout_minutes: float = 120.0) -> tuple[DistInfo
 
 
 def _single_device(device: str) -> torch.device:
+    return resolve_device(device)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch.device for a --device value: "auto" (CUDA if available, else the CPU), cpu, cuda, cuda:N.
+
+    Raises DeviceError for a name torch does not know, CUDA on a machine without it, or a
+    cuda:N past the visible devices, before anything is allocated on it.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise DeviceError(f"--device {device!r}: not a device name (auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise DeviceError(f"--device {device}: not supported here (auto, cpu, cuda or cuda:N)")
     return dev
 
 

@@ -19,15 +19,30 @@ def user_errors() -> Tuple[Type[BaseException], ...]:
     from data.recordio import RecordIOError
     from data.sources import DataSourceError
     from utils.checkpoint import CheckpointError
+    from utils.distributed import DeviceError
     from utils.files import UnreadableFileError
     from utils.registry import UnknownNameError
 
+    # OSError: a missing, unreadable or unwritable path, a full or read-only disk: the user's
+    # machine, not our code (FileNotFoundError, PermissionError, ... are subclasses).
     return (BinFormatError, RecordIOError, DataSourceError, CheckpointError, UnknownNameError, UnreadableFileError,
-            FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+            DeviceError, OSError)
 
 
-def fail(prog: str, exc: BaseException) -> NoReturn:
-    """Print `prog: error: <one line>` to stderr and exit with status 2."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    print(f"{prog}: error: {msg}", file=sys.stderr)
+def message(exc: BaseException, where: str = "") -> str:
+    """The one line a user error prints: its first line; an OSError that names no file gets `where`.
+
+    str(OSError) is "[Errno 28] No space left on device: 'path'" when the error carries its
+    filename; a failed write() carries none, so `where` (e.g. "writing under runs/x") says where.
+    """
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None and where:
+        msg = f"{msg} ({where})"
+    return msg
+
+
+def fail(prog: str, exc: BaseException, where: str = "") -> NoReturn:
+    """Print `prog: error: <one line>` to stderr and exit with status 2 (`where`: see `message`)."""
+    print(f"{prog}: error: {message(exc, where)}", file=sys.stderr)
     raise SystemExit(2)
