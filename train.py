@@ -151,11 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def resume_source(cfg: Config) -> str:
-    """The checkpoint to resume from: --resume PATH, or with 'auto' the --output run if it has one."""
+    """The checkpoint to resume from: --resume PATH, or with 'auto' the --output run's newest checkpoint
+    that loads (checkpoint.pt, else the newest checkpoint-<step>.pt; a skipped file is named on stderr)."""
     if cfg.resume != "auto":
         return cfg.resume
-    found = os.path.isfile(os.path.join(cfg.output, "checkpoint.pt"))
-    return cfg.output if found else ""
+    return ckpt.resumable_checkpoint(cfg.output) or ""
 
 
 def check_values(cfg: Config) -> None:

@@ -61,7 +61,7 @@ def test_range_is_in_help(capsys):
 
 
 @pytest.mark.parametrize("extra,needles", [
-    (["--margin", "5"], ["--head arcface", "--margin 5.0", "m must be in [0, pi)"]),
+    (["--margin", "5"], ["--head arcface", "--margin 5.0", "m must be a finite number in [0, pi)"]),
     (["--head", "softmax", "--margin", "0.3"], ["--head softmax", "unknown parameter"]),
     (["--batch-size", "100"], ["--batch-size 100", "holds only 36"]),
     (["--batch-size", "12", "--grad-accum", "4"], ["--grad-accum 4", "= 48 images per step"]),
@@ -118,7 +118,7 @@ def test_resume_auto_restarts_a_run_that_never_saved(tiny_pack, tmp_path):
 
 
 @pytest.mark.parametrize("config,needles", [
-    ("a string", ["old (its saved config)", "str 'a string'", "not a mapping"]),
+    ("a string", ["old/checkpoint.pt", "field 'config' is a str, not a mapping"]),
     ({"lr": float("nan")}, ["old (its saved config)", "--lr", "> 0"]),
 ])
 def test_resume_from_a_malformed_saved_config(capsys, tiny_pack, tmp_path, config, needles):
@@ -126,7 +126,8 @@ def test_resume_from_a_malformed_saved_config(capsys, tiny_pack, tmp_path, confi
 
     run = tmp_path / "old"
     run.mkdir()
-    torch.save({"format": CHECKPOINT_FORMAT, "version": VERSION, "config": config}, run / "checkpoint.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "version": VERSION, "step": 0, "model": {"w": torch.zeros(1)},
+                "config": config}, run / "checkpoint.pt")
     script_error(capsys, train.main, ["--resume", str(run), *FAST], "train.py: error:", *needles)
 
 
