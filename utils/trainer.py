@@ -28,6 +28,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -299,7 +300,9 @@ class Trainer:
         else:
             torch._foreach_copy_(self._buffers, self._buffer_copy)
         self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         return total
 
     def _judge_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
