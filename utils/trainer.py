@@ -271,7 +271,8 @@ class Trainer:
         self.head.train()
         masks = self._flip_masks()
         self.optimizer.zero_grad(set_to_none=True)
-        torch._foreach_copy_(self._buffer_copy, self._buffers)
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_copy, self._buffers)
         total = torch.zeros((), device=self.device)
         channels_last = getattr(self.cfg, "channels_last", False)
         for m, (images, labels) in enumerate(micro_batches):
@@ -297,7 +298,7 @@ class Trainer:
         self.last_bad = self._judge_step(total, norm)
         if self.last_bad is None:
             self.scaler.step(self.optimizer)
-        else:
+        elif self._buffers:
             torch._foreach_copy_(self._buffers, self._buffer_copy)
         self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
         with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
