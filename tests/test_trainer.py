@@ -105,3 +105,13 @@ def test_evaluation_runs_after_the_save_of_its_step(tiny_pack, tmp_path):
         "mean_accuracy": 0.5, "results": {}}
     tr.fit({})
     assert order == [("eval", True)]
+
+
+def test_history_json_holds_the_final_evaluation(tiny_pack, tmp_path):
+    import json
+
+    tr, _ = _trainer(tiny_pack, tmp_path, epochs=1, eval_every=0, save_every=-1)
+    tr.evaluator = lambda model: {"mean_accuracy": 0.75, "results": {}}
+    tr.fit({})
+    evals = json.load(open(tmp_path / "history.json"))["eval"]
+    assert [(e["step"], e["mean_accuracy"]) for e in evals] == [(3, 0.75)]

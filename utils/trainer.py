@@ -240,6 +240,11 @@ class Trainer:
                                       config=config, **state)
         if self.save_backbone_fn is not None:
             self.save_backbone_fn(self.model, os.path.join(self.output_dir, "backbone.pt"))
+        self._write_history()
+
+    def _write_history(self) -> None:
+        """history.json and loss.png (rank 0): at each save, and after each evaluation (which
+        follows the save of its step, so the checkpoint's copy lacks that one evaluation)."""
         write_json(os.path.join(self.output_dir, "history.json"), self.history)
         from utils.plots import plot_loss  # local: matplotlib only when writing
 
@@ -392,6 +397,7 @@ class Trainer:
             self.best = acc
             if self.save_backbone_fn is not None:
                 self.save_backbone_fn(self.model, os.path.join(self.output_dir, "best.pt"))
+        self._write_history()
         return report
 
     def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int, bar: tqdm) -> None:
