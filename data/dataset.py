@@ -8,6 +8,7 @@ returned with label -1, dropped by `collate`, and counted by the trainer.
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any, List, Sequence, Tuple
 
 import cv2
@@ -151,15 +152,36 @@ def worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def stop_workers(loader: Any) -> None:
-    """Shut a DataLoader's persistent workers down now (they exit on their queue's end mark).
+def stop_workers(loader: Any, timeout: float = 5.0) -> None:
+    """Shut a DataLoader's persistent workers down now, in at most about ``timeout`` seconds.
 
     Needed because the workers ignore SIGTERM (see `worker_init`): left to the garbage
     collector, a loader kept alive by a traceback outlives the interpreter's own exit
-    hook, which then SIGTERMs the workers and waits for them forever. A loader that never
+    hook, which then SIGTERMs the workers and waits for them forever. The workers are
+    asked to finish (their queue's end mark) and waited for together; one still busy
+    after ``timeout`` (blocked in a read, e.g. on a FIFO) is killed (SIGKILL) rather
+    than left orphaned. torch's own shut-down then finds them gone. A loader that never
     started workers (or None) is left alone.
     """
     iterator = getattr(loader, "_iterator", None)
-    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-        iterator._shutdown_workers()
-        loader._iterator = None
+    if iterator is None or not hasattr(iterator, "_shutdown_workers"):
+        return
+    workers = list(getattr(iterator, "_workers", []))
+    if not getattr(iterator, "_shutdown", True):
+        if hasattr(iterator, "_pin_memory_thread"):  # first, as torch does: it reads what the workers write
+            iterator._pin_memory_thread_done_event.set()
+            iterator._worker_result_queue.put((None, None))
+            iterator._pin_memory_thread.join(timeout=timeout)
+        iterator._workers_done_event.set()
+        for i, queue in enumerate(getattr(iterator, "_index_queues", [])):
+            if iterator._persistent_workers or iterator._workers_status[i]:
+                queue.put(None)  # the worker's end mark (what torch's shut-down sends)
+        deadline = time.monotonic() + timeout
+        for w in workers:
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in workers:
+            if w.is_alive():
+                w.kill()  # SIGKILL: the ignored SIGTERM would not stop it
+                w.join(timeout=timeout)
+    iterator._shutdown_workers()
+    loader._iterator = None

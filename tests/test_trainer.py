@@ -63,3 +63,55 @@ def test_no_weight_decay_on_bn_and_bias():
     decay, no_decay = param_groups([net], 5e-4)
     assert {p.ndim for p in decay["params"]} == {2, 4}
     assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
+
+
+class _NanAfter(torch.nn.Module):
+    """Cross-entropy, NaN from the ``k``-th call on."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.calls = k, 0
+
+    def forward(self, logits, labels):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if self.calls >= self.k else loss
+
+
+def test_a_nan_step_is_skipped_leaving_weights_momentum_and_bn_statistics(tiny_pack, tmp_path):
+    tr, _ = _trainer(tiny_pack, tmp_path)
+    tr.criterion = _NanAfter(2)
+    micro = next(iter(tr.feeder.steps()))
+    tr.train_step(micro)
+    assert tr.last_bad is None
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}  # weights and BN running statistics
+    momentum = [tr.optimizer.state[p]["momentum_buffer"].clone() for p in tr.model.parameters()]
+    lr = tr.optimizer.param_groups[0]["lr"]
+    tr.train_step(micro)
+    assert tr.last_bad.startswith("loss nan")
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = [tr.optimizer.state[p]["momentum_buffer"] for p in tr.model.parameters()]
+    assert all(torch.equal(a, m) for a, m in zip(after, momentum))
+    assert tr.optimizer.param_groups[0]["lr"] != lr  # the schedule advances: lr = f(step) whatever was skipped
+    assert tr.scheduler.last_epoch == 2
+    tr.feeder.close()
+
+
+def test_evaluation_runs_after_the_save_of_its_step(tiny_pack, tmp_path):
+    order = []
+    tr, _ = _trainer(tiny_pack, tmp_path, epochs=1, eval_every=0, save_every=0)
+    tr.evaluator = lambda model: order.append(("eval", os.path.isfile(tmp_path / "checkpoint.pt"))) or {
+        "mean_accuracy": 0.5, "results": {}}
+    tr.fit({})
+    assert order == [("eval", True)]
+
+
+def test_history_json_holds_the_final_evaluation(tiny_pack, tmp_path):
+    import json
+
+    tr, _ = _trainer(tiny_pack, tmp_path, epochs=1, eval_every=0, save_every=-1)
+    tr.evaluator = lambda model: {"mean_accuracy": 0.75, "results": {}}
+    tr.fit({})
+    evals = json.load(open(tmp_path / "history.json"))["eval"]
+    assert [(e["step"], e["mean_accuracy"]) for e in evals] == [(3, 0.75)]

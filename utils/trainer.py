@@ -13,6 +13,12 @@ the same set of images whatever W is; flips are drawn for the global batch and
 sliced; checkpoints hold full (gathered) centres. A run therefore resumes at
 another world size on the same data stream when the global batch is kept.
 Rank 0 logs, evaluates and writes; the others wait at a barrier.
+
+A step whose loss or gradient norm (or lr) is not finite is skipped: no update, weights,
+momentum and buffers (BatchNorm statistics) as before it; the learning-rate schedule
+still advances (the step, its data and its flips are consumed, so a resumed run and an
+uninterrupted one stay on the same schedule). ``max_bad_steps`` such steps in a row stop
+the run. Nothing with non-finite weights is ever written or evaluated.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
@@ -34,12 +41,17 @@ from utils import checkpoint as ckpt
 from utils import distributed as dist_utils
 from utils.atomic import write_json
 from utils.distributed import DistInfo
-from utils.feeder import BatchFeeder
+from utils.feeder import BatchFeeder, WaitInterrupted
 from utils.precision import amp_dtype, needs_grad_scaler
 from utils.preprocess import apply_flips, normalize
 from utils.schedule import make_lr_lambda
 
 Evaluator = Callable[[nn.Module], Dict[str, Any]]
+
+
+class TrainingDivergedError(ckpt.CheckpointError):
+    """The run cannot go on to a usable checkpoint: too many non-finite steps in a row, or
+    non-finite weights about to be saved. A CheckpointError, so scripts print it as one line."""
 
 
 def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
@@ -115,10 +127,19 @@ class Trainer:
         self.step_module = self._wrap(data_parallel)
         self.step = 0
         self.best = -math.inf
-        self.history: Dict[str, List[Any]] = {"step": [], "loss": [], "lr": [], "eval": []}
+        self.history: Dict[str, List[Any]] = {"step": [], "loss": [], "lr": [], "eval": [], "bad_steps": []}
+        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss/gradient/lr (kept in the checkpoint)
+        self.last_bad: str | None = None  # why the latest step was skipped; None: it updated the weights
+        self.step_lr = float(cfg.lr)  # the lr of the latest step
+        self._bad_run = 0
+        self._saved_at: Tuple[int, str | None] | None = None  # (step, path) of the last checkpoint written or loaded
+        self._buffers = [b for m in (self.model, self.head, self.criterion) for b in m.buffers()]
+        self._buffer_copy = [b.detach().clone() for b in self._buffers]
         self._tb = None
         self._signal: int | None = None
-        self.feeder = BatchFeeder(dataset, self.sampler, cfg.num_workers, device, dist_info, self.accum, log)
+        self.feeder = BatchFeeder(dataset, self.sampler, cfg.num_workers, device, dist_info, self.accum, log,
+                                  max_bad_fraction=cfg.max_bad_fraction,
+                                  stop_requested=lambda: self._signal is not None)
 
     @property
     def skipped(self) -> int:
@@ -172,7 +193,8 @@ class Trainer:
         return {"step": self.step, "model": self.model.state_dict(), "head": head,
                 "criterion": self.criterion.state_dict(), "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "skipped": self.skipped, "history": self.history, "rng": ckpt.rng_state(),
+                "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps, "history": self.history,
+                "rng": ckpt.rng_state(),
                 "world_size": self.dist.world_size, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -193,7 +215,10 @@ class Trainer:
         if state["scaler"] or not self.use_scaler:  # empty: saved without loss scaling (CPU, bf16): start afresh
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.best, self.skipped = int(state["step"]), float(state["best"]), int(state["skipped"])
+        self.bad_steps = int(state.get("bad_steps", 0))
         self.history = state.get("history", self.history)
+        self.history.setdefault("bad_steps", [])
+        self._saved_at = (self.step, None)
         ckpt.set_rng_state(state["rng"])
 
     def save(self, config: Dict[str, Any]) -> None:
@@ -201,16 +226,25 @@ class Trainer:
 
         Every rank calls it (gathering sharded centres is collective); the others wait
         until rank 0 has written, so nobody runs ahead of (or exits before) the files.
+        Weights holding NaN/inf are not written: TrainingDivergedError instead.
         """
+        self._ensure_finite("a checkpoint")
         state = self.state_dict()
         if self.dist.is_main:
             self._write(config, state)
         dist_utils.barrier(self.dist, self.device)
+        self._saved_at = (self.step, os.path.join(self.output_dir, "checkpoint.pt"))
 
     def _write(self, config: Dict[str, Any], state: Dict[str, Any]) -> None:
-        ckpt.save_training_checkpoint(os.path.join(self.output_dir, "checkpoint.pt"), config=config, **state)
+        ckpt.save_training_checkpoint(os.path.join(self.output_dir, "checkpoint.pt"), keep=self.cfg.keep,
+                                      config=config, **state)
         if self.save_backbone_fn is not None:
             self.save_backbone_fn(self.model, os.path.join(self.output_dir, "backbone.pt"))
+        self._write_history()
+
+    def _write_history(self) -> None:
+        """history.json and loss.png (rank 0): at each save, and after each evaluation (which
+        follows the save of its step, so the checkpoint's copy lacks that one evaluation)."""
         write_json(os.path.join(self.output_dir, "history.json"), self.history)
         from utils.plots import plot_loss  # local: matplotlib only when writing
 
@@ -233,12 +267,17 @@ class Trainer:
         """One optimizer step over K uint8 micro-batches; returns the loss (detached, on the device).
 
         Each micro-batch's loss is divided by K, so the gradient is that of the mean over the
-        K*B images; DDP synchronises gradients on the last micro-step only.
+        K*B images; DDP synchronises gradients on the last micro-step only. When the loss, the
+        gradient norm or the lr is not finite the update is skipped (``last_bad`` says why):
+        weights and momentum are untouched and the buffers the forward pass changed (BatchNorm
+        statistics, head counters) are put back; the scheduler still advances.
         """
         self.step_module.train()
         self.head.train()
         masks = self._flip_masks()
         self.optimizer.zero_grad(set_to_none=True)
+        if self._buffers:
+            torch._foreach_copy_(self._buffer_copy, self._buffers)
         total = torch.zeros((), device=self.device)
         channels_last = getattr(self.cfg, "channels_last", False)
         for m, (images, labels) in enumerate(micro_batches):
@@ -259,13 +298,39 @@ class Trainer:
             total += loss.detach() / len(micro_batches)
         if self.use_scaler and self.sharded and self.dist.distributed:
             self._agree_on_overflow()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            self._clip_gradients(self.cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        self.scaler.unscale_(self.optimizer)  # (a no-op without loss scaling) the norm in true units
+        norm = self._clip_gradients(self.cfg.grad_clip)
+        self.last_bad = self._judge_step(total, norm)
+        if self.last_bad is None:
+            self.scaler.step(self.optimizer)
+        elif self._buffers:
+            torch._foreach_copy_(self._buffers, self._buffer_copy)
+        self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
+        with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
         return total
+
+    def _judge_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+        """Why this step must not update the weights (identical on every rank), or None.
+
+        The one host synchronisation of a step (two floats; with loss scaling, GradScaler's own
+        check then finds the queue drained). Under loss scaling an overflowing gradient is
+        GradScaler's business (it skips the step and lowers the scale), so only the loss counts.
+        Under several processes the verdict is agreed (the loss is per rank; Partial FC's
+        centre gradients are per shard): one CPU all-reduce of one flag.
+        """
+        lr = self.step_lr = self.optimizer.param_groups[0]["lr"]
+        loss_v, norm_v = torch.stack([loss.detach().float(), grad_norm.detach().float()]).tolist()
+        why = [f"loss {loss_v}"] if not math.isfinite(loss_v) else []
+        if not math.isfinite(norm_v) and not self.use_scaler:
+            why.append(f"gradient norm {norm_v}")
+        if not math.isfinite(lr):
+            why.append(f"lr {lr}")
+        reason = ", ".join(why) or None
+        if self.dist.distributed and dist_utils.any_rank(reason is not None, self.dist, self.device):
+            reason = reason or "a non-finite loss or gradient on another rank"
+        return reason
 
     def _agree_on_overflow(self) -> None:
         """fp16: every rank must skip a step whose gradients overflowed on any rank.
@@ -278,18 +343,22 @@ class Trainer:
         if grad is not None and dist_utils.any_rank(not bool(torch.isfinite(grad).all()), self.dist, self.device):
             grad.fill_(float("inf"))
 
-    def _clip_gradients(self, max_norm: float) -> None:
-        """Clip the norm of the whole gradient to `max_norm`, as one process would.
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """The norm of the whole gradient (on the device), clipped to `max_norm` when that is > 0.
 
         Replicated parameters have the same gradient on every rank; Partial FC's centre shards
-        each hold a different part, so their squared norms are summed over ranks.
+        each hold a different part, so their squared norms are summed over ranks when clipping
+        (without clipping, this rank's norm is enough: it only has to be finite or not).
         """
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        if max_norm <= 0:
+            return torch.nn.utils.get_total_norm([p.grad for p in params])
         shard = [p for p in params if self.sharded and p is self.head.weight]
         rest = [p for p in params if not (self.sharded and p is self.head.weight)]
         if not shard or not self.dist.distributed:
-            torch.nn.utils.clip_grad_norm_(params, max_norm)
-            return
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
         sq_rest = sum((p.grad.detach().float().pow(2).sum() for p in rest), torch.zeros((), device=self.device))
         sq_shard = shard[0].grad.detach().float().pow(2).sum()
         torch.distributed.all_reduce(sq_shard)
@@ -297,11 +366,13 @@ class Trainer:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for p in params:
             p.grad.detach().mul_(coef.to(p.grad.dtype))
+        return total
 
     def evaluate(self) -> Dict[str, Any] | None:
         """Verification on rank 0 (the others wait at a barrier); best.pt when the mean improves."""
         if self.cfg.eval_every < 0:
             return None
+        self._ensure_finite("an evaluation (and best.pt)")
         report = self._evaluate_main() if self.dist.is_main else None
         dist_utils.barrier(self.dist, self.device)
         return report
@@ -326,11 +397,17 @@ class Trainer:
             self.best = acc
             if self.save_backbone_fn is not None:
                 self.save_backbone_fn(self.model, os.path.join(self.output_dir, "best.pt"))
+        self._write_history()
         return report
 
     def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int, bar: tqdm) -> None:
-        """Record the mean loss (over steps and ranks), lr and global throughput of the last steps."""
-        self._check_finite(losses)
+        """Record the mean loss (over good steps and ranks), lr and global throughput of the last steps.
+
+        ``losses`` holds the steps that updated the weights (finite by construction; the same
+        number on every rank); none (all skipped): nothing to record.
+        """
+        if not losses:
+            return
         mean_loss = dist_utils.mean_over_ranks(float(torch.stack(losses).mean()), self.dist, self.device)
         if not self.dist.is_main:
             return
@@ -345,16 +422,45 @@ class Trainer:
         for k, v in (("loss", mean_loss), ("lr", lr), ("img_per_s", ips)):
             self._tb.add_scalar(f"train/{k}", v, self.step)
 
-    def _check_finite(self, losses: List[torch.Tensor]) -> None:
-        """Stop (on every rank) if a recent step's loss was NaN/inf, before it is logged or saved.
+    def _count_bad_step(self) -> None:
+        """Count a skipped step (log, history, TensorBoard); stop after ``max_bad_steps`` in a row."""
+        if self.last_bad is None:
+            self._bad_run = 0
+            return
+        self.bad_steps += 1
+        self._bad_run += 1
+        self.history["bad_steps"].append(self.step)
+        if self._tb is not None:
+            self._tb.add_scalar("train/bad_steps", self.bad_steps, self.step)
+        if self._bad_run >= max(1, int(self.cfg.max_bad_steps)):
+            raise TrainingDivergedError(
+                f"step {self.step}: {self._bad_run} steps in a row skipped for a non-finite value ({self.last_bad}; "
+                f"lr {self.step_lr:.5g}); stopped without saving: {self._last_good()}; lower --lr or "
+                f"set --grad-clip, then resume from it")
+        if self.dist.is_main:
+            self.log(f"warning: step {self.step}: {self.last_bad} (lr {self.step_lr:.5g}): update skipped "
+                     f"({self._bad_run} in a row, {self.bad_steps} in all)")
 
-        Checked at log, evaluation and save points rather than every step: a per-step check
-        would make the GPU wait for the CPU at every step.
-        """
-        bad = bool(losses) and not bool(torch.isfinite(torch.stack(losses)).all())
-        if dist_utils.any_rank(bad, self.dist, self.device):
-            raise FloatingPointError(f"loss is not finite by step {self.step}: lower --lr or enable --grad-clip "
-                                     f"(the last checkpoint is kept)")
+    def _last_good(self) -> str:
+        """Where the run can be resumed from, for error messages."""
+        if self._saved_at is None:
+            return "no checkpoint was written by this run"
+        step, path = self._saved_at
+        return f"the last good checkpoint is {path} (step {step})" if path else \
+            f"the last good checkpoint is the one resumed from (step {step})"
+
+    def _ensure_finite(self, what: str) -> None:
+        """Refuse, on every rank at once, to write or evaluate weights holding NaN/inf."""
+        problem = None
+        for name, module in (("backbone", self.model), ("head", self.head)):
+            try:
+                ckpt.check_finite(module.state_dict(), f"{name} at step {self.step}")
+            except ckpt.CheckpointError as exc:
+                problem = str(exc)
+                break
+        if dist_utils.any_rank(problem is not None, self.dist, self.device):
+            raise TrainingDivergedError(f"not writing {what}: {problem or 'non-finite weights on another rank'}; "
+                                        f"{self._last_good()}")
 
     def _due(self, every: int) -> bool:
         """every > 0: each `every` steps; 0: at the end of each epoch; < 0: never."""
@@ -363,7 +469,11 @@ class Trainer:
         return every == 0 and self.step % self.steps_per_epoch == 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._signal = signum  # acted on at the next step boundary, on every rank at once
+        """Acted on at the next step boundary, on every rank at once. A single process blocked
+        on the loader (a slow or stuck worker, a run of undecodable batches) stops waiting now."""
+        self._signal = signum
+        if self.feeder.waiting and not self.dist.distributed:
+            raise WaitInterrupted(signal.Signals(signum).name)
 
     @contextlib.contextmanager
     def _stop_signals(self):
@@ -407,31 +517,40 @@ class Trainer:
                 while self.step < end and stopped is None:
                     epoch, start = divmod(self.step, self.steps_per_epoch)
                     self.sampler.set_epoch(epoch, start * self.accum)
-                    for micro in self.feeder.steps():
-                        window.append(self.train_step(micro))
-                        self.step += 1
-                        bar.update(1)
-                        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                            self._log_window(window, time.perf_counter() - t0, epoch, bar)
-                            window, t0 = [], time.perf_counter()
-                        if dist_utils.any_rank(self._signal is not None, self.dist, self.device):
-                            stopped = self._signal or signal.SIGTERM
-                            break
-                        if self._due(cfg.eval_every):
-                            self._check_finite(window)
-                            self._log_eval(self.evaluate())
-                            last_eval = self.step
-                        if self._due(cfg.save_every):
-                            self._check_finite(window)
-                            self.save(config)
-                            last_save = self.step
-                        if self.step >= end or self.step % self.steps_per_epoch == 0:
-                            break
+                    before = self.step
+                    try:
+                        for micro in self.feeder.steps():
+                            loss = self.train_step(micro)
+                            self.step += 1
+                            bar.update(1)
+                            self._count_bad_step()
+                            if self.last_bad is None:
+                                window.append(loss)
+                            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                                self._log_window(window, time.perf_counter() - t0, epoch, bar)
+                                window, t0 = [], time.perf_counter()
+                            if dist_utils.any_rank(self._signal is not None, self.dist, self.device):
+                                stopped = self._signal or signal.SIGTERM
+                                break
+                            if self._due(cfg.save_every):  # before evaluating: a failing evaluation keeps it
+                                self.save(config)
+                                last_save = self.step
+                            if self._due(cfg.eval_every):
+                                self._log_eval(self.evaluate())
+                                last_eval = self.step
+                            if self.step >= end or self.step % self.steps_per_epoch == 0:
+                                break
+                    except WaitInterrupted:  # a signal while waiting for a batch (one process): stop now
+                        pass
+                    if stopped is None and dist_utils.any_rank(self._signal is not None, self.dist, self.device):
+                        stopped = self._signal or signal.SIGTERM  # it came while the feeder skipped or waited
+                    elif stopped is None and self.step == before:
+                        raise DataSourceError(f"epoch {epoch} gave no complete optimizer step of "
+                                              f"{self.global_batch} images (undecodable images?)")
+                if last_save != self.step:
+                    self.save(config)
                 if stopped is None and self.step >= self.total_steps and last_eval != self.step:
                     self._log_eval(self.evaluate())
-                if last_save != self.step:
-                    self._check_finite(window)
-                    self.save(config)
         finally:
             bar.close()
             self.feeder.close()
