@@ -53,7 +53,8 @@ class Config:
     num_workers: int = field(default=2, metadata={"min": 0, "max": 256, "help": "DataLoader worker processes"})
     max_bad_fraction: float = field(default=0.01, metadata={"min": 0.0, "max": 1.0, "help": (
         "stop with an error naming the first bad images when more than this share of the images seen "
-        "so far is undecodable (checked once a few hundred have been seen; a whole undecodable epoch always stops)")})
+        "so far is undecodable (judged once 20/fraction images have been read: 2000 at 0.01, at least 200, "
+        "at most one epoch; a whole undecodable epoch always stops)")})
     decode_on_device: bool = field(default=False, metadata={"help": (
         "workers only read bytes; JPEGs are decoded in batches where the model runs "
         "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})

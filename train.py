@@ -305,6 +305,8 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
         return 128 + int(stopped)  # the shell's convention for "ended by signal N"
     if trainer.skipped:
         log(f"warning: {trainer.skipped} undecodable images were skipped")
+    if trainer.bad_steps:
+        log(f"warning: {trainer.bad_steps} optimizer steps were skipped (non-finite loss, gradient or lr)")
     log(f"done: {cfg.output}/backbone.pt (best mean verification accuracy "
         f"{100 * trainer.best:.2f}%)" if trainer.best > -1 else f"done: {cfg.output}/backbone.pt")
     return 0

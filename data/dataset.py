@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from data.sources import FaceSource, open_source
+from utils.files import UnreadableFileError
 
 
 def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
@@ -60,7 +61,8 @@ class FaceDataset(Dataset):
         return self.sources[k].describe(i)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int | str]:
-        """(uint8 CHW RGB image, label, index); label -1 for an undecodable image.
+        """(uint8 CHW RGB image, label, index); label -1 for an undecodable image (or an image file
+        refused unread: a FIFO, a device, over the size cap), counted and skipped like one.
 
         A record that cannot be read at all (truncated file, bad magic) comes back
         with label -2 and the error message in place of the index, so the main
@@ -70,6 +72,8 @@ class FaceDataset(Dataset):
         blank = torch.zeros(3, *self.image_size, dtype=torch.uint8)
         try:
             payload = self.sources[k].read(i)
+        except UnreadableFileError:  # a FIFO, a device or an over-size file where an image should be: skip it
+            return blank, -1, index
         except (OSError, ValueError) as exc:
             return blank, -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
         if not self.decode:

@@ -260,3 +260,22 @@ def test_sigterm_with_a_worker_blocked_on_a_fifo_stops_cleanly(tiny_pack, tmp_pa
     while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{worker}"), "the blocked worker outlived the run"
+
+
+def test_fifo_in_an_image_folder_is_skipped_like_an_undecodable_image(tmp_path):
+    """A FIFO among a folder's images is refused unread and counted as a bad image, not fatal, not blocking."""
+    import os
+
+    import cv2
+    import numpy as np
+
+    from data.dataset import build_dataset
+
+    root = tmp_path / "faces"
+    (root / "a").mkdir(parents=True)
+    ok, jpg = cv2.imencode(".jpg", np.full((112, 112, 3), 128, np.uint8))
+    (root / "a" / "0.jpg").write_bytes(jpg.tobytes())
+    os.mkfifo(root / "a" / "1.jpg")
+    ds = build_dataset(str(root))
+    labels = sorted(int(ds[i][1]) for i in range(len(ds)))
+    assert labels == [-1, 0]
