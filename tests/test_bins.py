@@ -136,7 +136,7 @@ def test_mismatched_counts(tmp_path, four):
 
 
 def test_missing_truncated_and_undecodable(tmp_path, four):
-    with pytest.raises(BinFormatError, match=r"nope\.bin: cannot read"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.bin: no such \.bin file"):
         load_bin(tmp_path / "nope.bin")
     path = tmp_path / "cut.bin"
     path.write_bytes(pickle.dumps((four[1], four[2]), protocol=4)[:-30])
