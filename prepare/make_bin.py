@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"make-bin: {args.out}: {s['pairs']} pairs ({s['same']} same), {s['images']} images "
           f"({s['unique_images']} files{converted}), {s['bytes'] / 1e6:.1f} MB ({args.kind}), {s['seconds']:.1f} s")
     if s["warning"]:
-        print(f"make-bin: warning: {args.out}: {s['warning']}; its verification accuracy will read 100% "
-              "for any model", file=sys.stderr)
+        print(f"make-bin: warning: {args.out}: {s['warning']}; its verification accuracy will "
+              "not measure the model", file=sys.stderr)
     return 0
 
 

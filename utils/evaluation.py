@@ -91,7 +91,7 @@ def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(
         target = _DECODED[key]
         if target.warning:
             log(f"warning: verification target {name} ({path}): {target.warning}; "
-                "its accuracy reads 100% for any model")
+                "its accuracy does not measure the model (one threshold can accept or reject every pair)")
         out.targets.append(target)
     return out
 

@@ -51,7 +51,7 @@ class VerificationResult:
         exploding norm is an early sign of a broken run.
     Without both same and different pairs the all-pairs metrics are NaN and the ROC is empty.
     warning: set (e.g. "all 20 pairs are 'same'") when every pair has one label: the accuracy
-        then reads 100% for a threshold that accepts (or rejects) everything, whatever the model;
+        then reads ~100% for a threshold that accepts (or rejects) nearly everything, whatever the model;
         None otherwise.
     """
 
@@ -102,8 +102,8 @@ class VerificationResult:
 def label_warning(issame) -> str | None:
     """"all N pairs are 'same'" ('different') when a set has only one label, else None.
 
-    Such a set scores 100% for any model (the protocol picks the threshold that accepts or
-    rejects everything), so its number must never be reported without this warning.
+    Such a set scores ~100% for any model (the protocol picks a threshold that accepts or
+    rejects nearly everything), so its number must never be reported without this warning.
     """
     same = np.asarray(issame, dtype=bool)
     n = same.size
