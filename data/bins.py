@@ -63,6 +63,11 @@ def check_pair_count(path: str, pairs: int, nfolds: int = NFOLDS) -> None:
                              f"for {nfolds}-fold verification")
 
 
+def _short(obj) -> str:
+    """A bounded, one-line repr for messages (an array or a deep list can come from the file)."""
+    return " ".join(reprlib.repr(obj).split())
+
+
 class _Refused(pickle.UnpicklingError):
     def __init__(self, name: str):
         super().__init__(name)
@@ -72,7 +77,7 @@ class _Refused(pickle.UnpicklingError):
 def _latin1_encode(obj, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes: latin-1 text -> bytes only."""
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise _Refused(f"_codecs.encode({type(obj).__name__}, {encoding!r})")
+        raise _Refused(f"_codecs.encode({type(obj).__name__}, {_short(encoding)})")
     return obj.encode("latin-1")
 
 
@@ -100,7 +105,7 @@ _NUMPY_SCALAR = np.bool_(True).__reduce__()[0]
 def _scalar(dtype, data=None):
     """numpy's ``scalar``, for bool and integer dtypes only (an ``issame`` of numpy bools)."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biu" or not isinstance(data, bytes):
-        raise _Refused(f"numpy scalar of dtype {dtype!r}")
+        raise _Refused(f"numpy scalar of dtype {_short(dtype)}")
     return _NUMPY_SCALAR(dtype, data)
 
 
@@ -127,9 +132,9 @@ def _reconstruct(subtype, shape, dtype):
     A subclass would be arbitrary code; a large shape here would be allocated before any check.
     """
     if subtype is not _NDARRAY:
-        raise _Refused(f"numpy array subclass {subtype!r}")
+        raise _Refused(f"numpy array subclass {_short(subtype)}")
     if not isinstance(shape, tuple) or len(shape) > 1 or not all(isinstance(d, int) and 0 <= d <= 1 for d in shape):
-        raise _Refused(f"numpy _reconstruct of shape {reprlib.repr(shape)} (numpy writes (0,))")
+        raise _Refused(f"numpy _reconstruct of shape {_short(shape)} (numpy writes (0,))")
     return _NUMPY_RECONSTRUCT(np.ndarray, shape, dtype)
 
 
@@ -154,8 +159,13 @@ _ALLOWED = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in ``_ALLOWED``; every other global is refused, never imported."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only the globals in ``_ALLOWED``; every other global is refused, never imported.
+
+    The pure-Python unpickler, not the C one: the C one stores its memo in an array sized by the
+    largest index a PUT names, so one damaged LONG_BINPUT index (2**31) allocates 16+ GB before
+    anything can be checked; here the memo is a dict. Reading a real set costs < 0.5 s more.
+    """
 
     def find_class(self, module: str, name: str):
         found = _ALLOWED.get((module, name))
@@ -169,8 +179,11 @@ def _unpickle(path: str, data: bytes):
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as exc:
         raise BinFormatError(f"{path}: refused to unpickle {exc.name} ({_ALLOWED_WHAT})") from None
-    except Exception as exc:  # any malformed stream: EOFError, UnpicklingError, ValueError, ...
-        raise BinFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # any malformed stream: EOFError, UnpicklingError, ValueError, MemoryError, ...
+        reason = " ".join(str(exc).split())[:200]  # one line, whatever the message was
+        if isinstance(exc, KeyError):  # the pure-Python unpickler's memo is a dict
+            reason = f"a GET of memo entry {reason} that no PUT stored"
+        raise BinFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {reason})") from None
 
 
 def _what(obj) -> str:
@@ -207,7 +220,7 @@ def _flags(path: str, issame) -> np.ndarray:
     flags = np.empty(len(issame), dtype=bool)
     for i, v in enumerate(issame):
         if not isinstance(v, (bool, np.bool_, int, np.integer)) or v not in (0, 1):
-            raise BinFormatError(f"{path}: issame_list item {i} is {reprlib.repr(v)} ({type(v).__name__}), "
+            raise BinFormatError(f"{path}: issame_list item {i} is {_short(v)} ({type(v).__name__}), "
                                  "expected a bool or 0/1")
         flags[i] = bool(v)
     return flags
