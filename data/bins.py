@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import reprlib
 import struct
 from typing import Sequence
 
@@ -23,12 +24,48 @@ import numpy as np
 from tqdm import tqdm
 
 from utils.atomic import write_bytes
+from utils.files import MB, check_regular, read_regular
+
+GB = 1 << 30
+# A .bin file, the image bytes its items reference (a pickle may reference one payload many
+# times through its memo) and its decoded (2N, H, W, 3) pixels are each refused above this many
+# bytes. The largest published set (cfp_fp, 14000 images) is ~530 MB decoded at 112x112.
+# $FACETRAIN_MAX_BIN_GB overrides it.
+DEFAULT_MAX_BIN_GB = 8.0
+# Pixels one encoded image may claim in its header before it is refused undecoded (OpenCV's own
+# limit is 2**30, i.e. a 3 GB allocation); a face crop has ~12.5 k, a large photo ~50 M.
+MAX_IMAGE_PIXELS = 1 << 26
+NFOLDS = 10  # the verification protocol's folds: a set needs at least this many pairs
 
 _ALLOWED_WHAT = "only image bytes, numpy arrays and bool/integer flags are allowed"
 
 
 class BinFormatError(ValueError):
     """A .bin that is not a verification pickle; the message names the file and, where known, the item."""
+
+
+def max_bin_bytes() -> int:
+    """The per-.bin size cap in bytes ($FACETRAIN_MAX_BIN_GB, else 8 GB); see DEFAULT_MAX_BIN_GB."""
+    raw = os.environ.get("FACETRAIN_MAX_BIN_GB", "")
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_BIN_GB
+    except ValueError:
+        raise BinFormatError(f"$FACETRAIN_MAX_BIN_GB={raw!r} is not a number of gigabytes") from None
+    if not gb > 0 or gb == float("inf"):
+        raise BinFormatError(f"$FACETRAIN_MAX_BIN_GB={raw!r} must be a positive number of gigabytes")
+    return int(gb * GB)
+
+
+def check_pair_count(path: str, pairs: int, nfolds: int = NFOLDS) -> None:
+    """Refuse a set too small for the ``nfolds``-fold protocol, naming the file (before any decoding)."""
+    if pairs < nfolds:
+        raise BinFormatError(f"{path}: {pairs} pair{'s' if pairs != 1 else ''}; needs at least {nfolds} pairs "
+                             f"for {nfolds}-fold verification")
+
+
+def _short(obj) -> str:
+    """A bounded, one-line repr for messages (an array or a deep list can come from the file)."""
+    return " ".join(reprlib.repr(obj).split())
 
 
 class _Refused(pickle.UnpicklingError):
@@ -40,7 +77,7 @@ class _Refused(pickle.UnpicklingError):
 def _latin1_encode(obj, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as Python 3 protocol-2 pickles use it for bytes: latin-1 text -> bytes only."""
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
-        raise _Refused(f"_codecs.encode({type(obj).__name__}, {encoding!r})")
+        raise _Refused(f"_codecs.encode({type(obj).__name__}, {_short(encoding)})")
     return obj.encode("latin-1")
 
 
@@ -68,7 +105,7 @@ _NUMPY_SCALAR = np.bool_(True).__reduce__()[0]
 def _scalar(dtype, data=None):
     """numpy's ``scalar``, for bool and integer dtypes only (an ``issame`` of numpy bools)."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in "biu" or not isinstance(data, bytes):
-        raise _Refused(f"numpy scalar of dtype {dtype!r}")
+        raise _Refused(f"numpy scalar of dtype {_short(dtype)}")
     return _NUMPY_SCALAR(dtype, data)
 
 
@@ -76,16 +113,34 @@ _NUMPY_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1, np.uint8))[0]
 _NUMPY_FROMBUFFER = np.ndarray.__reduce_ex__(np.zeros(1, np.uint8), 5)[0]
 
 
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` as ``_reconstruct``'s first argument; calling it is refused.
+
+    ``numpy.ndarray((10**12,), ...)`` reached through REDUCE would allocate a terabyte.
+    """
+
+    def __call__(self, *args, **kwargs):
+        raise _Refused("numpy.ndarray called directly")
+
+
+_NDARRAY = _NdarrayType()
+
+
 def _reconstruct(subtype, shape, dtype):
-    """numpy's ``_reconstruct``, for plain ndarrays only (a subclass would be arbitrary code)."""
-    if subtype is not np.ndarray:
-        raise _Refused(f"numpy array subclass {subtype!r}")
-    return _NUMPY_RECONSTRUCT(subtype, shape, dtype)
+    """numpy's ``_reconstruct`` for plain ndarrays of the empty shape numpy pickles (the data comes in BUILD).
+
+    A subclass would be arbitrary code; a large shape here would be allocated before any check.
+    """
+    if subtype is not _NDARRAY:
+        raise _Refused(f"numpy array subclass {_short(subtype)}")
+    if not isinstance(shape, tuple) or len(shape) > 1 or not all(isinstance(d, int) and 0 <= d <= 1 for d in shape):
+        raise _Refused(f"numpy _reconstruct of shape {_short(shape)} (numpy writes (0,))")
+    return _NUMPY_RECONSTRUCT(np.ndarray, shape, dtype)
 
 
 # (module, name) as written in the pickle -> what it resolves to. numpy 1.x writes
-# numpy.core.*, numpy 2.x numpy._core.*; protocols 2-4 use _reconstruct (+ _codecs.encode
-# for the data at protocol 2), protocol 5 uses _frombuffer. Python 3 writes b'' at protocol 2
+# numpy.core.*, numpy 2.x numpy._core.*; protocols 0-4 use _reconstruct (+ _codecs.encode
+# for the data at protocols 0-2), protocol 5 uses _frombuffer. Python 3 writes b'' at protocol 2
 # as __builtin__.bytes().
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
@@ -94,7 +149,7 @@ _ALLOWED = {
     ("numpy._core.numeric", "_frombuffer"): _NUMPY_FROMBUFFER,
     ("numpy.core.multiarray", "scalar"): _scalar,
     ("numpy._core.multiarray", "scalar"): _scalar,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
     ("__builtin__", "bytes"): _empty_bytes,
@@ -104,8 +159,13 @@ _ALLOWED = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only the globals in ``_ALLOWED``; every other global is refused, never imported."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only the globals in ``_ALLOWED``; every other global is refused, never imported.
+
+    The pure-Python unpickler, not the C one: the C one stores its memo in an array sized by the
+    largest index a PUT names, so one damaged LONG_BINPUT index (2**31) allocates 16+ GB before
+    anything can be checked; here the memo is a dict. Reading a real set costs < 0.5 s more.
+    """
 
     def find_class(self, module: str, name: str):
         found = _ALLOWED.get((module, name))
@@ -119,82 +179,196 @@ def _unpickle(path: str, data: bytes):
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except _Refused as exc:
         raise BinFormatError(f"{path}: refused to unpickle {exc.name} ({_ALLOWED_WHAT})") from None
-    except Exception as exc:  # any malformed stream: EOFError, UnpicklingError, ValueError, ...
-        raise BinFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # any malformed stream: EOFError, UnpicklingError, ValueError, MemoryError, ...
+        reason = " ".join(str(exc).split())[:200]  # one line, whatever the message was
+        if isinstance(exc, KeyError):  # the pure-Python unpickler's memo is a dict
+            reason = f"a GET of memo entry {reason} that no PUT stored"
+        raise BinFormatError(f"{path}: not a readable pickle ({type(exc).__name__}: {reason})") from None
+
+
+def _what(obj) -> str:
+    """A short name for an object in an error message: array dtype and shape, else the type."""
+    if isinstance(obj, np.ndarray):
+        return f"array {obj.dtype} {obj.shape}"
+    return type(obj).__name__
+
+
+def _payload(path: str, i: int, item) -> bytes | np.ndarray:
+    """One item as ``bytes``, a 1-D uint8 array (encoded image) or an (H, W, 3) uint8 array (RGB pixels).
+
+    Encoded bytes held in a uint8 array count whatever its layout, as long as it is one row or
+    one column: (N,), (N, 1) (insightface's own test files), (1, N).
+    """
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, np.ndarray) and item.dtype == np.uint8:
+        if item.ndim == 1 or (item.ndim == 2 and 1 in item.shape):
+            return item.reshape(-1)
+        if item.ndim == 3 and item.shape[2] == 3 and item.shape[0] and item.shape[1]:
+            return item
+    raise BinFormatError(f"{path}: item {i} is {_what(item)}; expected image bytes, a uint8 array of "
+                         "encoded image bytes ((N,), (N, 1) or (1, N)) or an (H, W, 3) uint8 array (RGB pixels)")
+
+
+def _flags(path: str, issame) -> np.ndarray:
+    if isinstance(issame, np.ndarray):
+        if issame.ndim != 1:
+            raise BinFormatError(f"{path}: issame_list is {_what(issame)}; expected one flag per pair (1-D)")
+        issame = issame.tolist()
+    if not isinstance(issame, (list, tuple)):
+        raise BinFormatError(f"{path}: issame_list is a {_what(issame)}, expected a list of bools")
+    flags = np.empty(len(issame), dtype=bool)
+    for i, v in enumerate(issame):
+        if not isinstance(v, (bool, np.bool_, int, np.integer)) or v not in (0, 1):
+            raise BinFormatError(f"{path}: issame_list item {i} is {_short(v)} ({type(v).__name__}), "
+                                 "expected a bool or 0/1")
+        flags[i] = bool(v)
+    return flags
 
 
 def load_bin(path: str | os.PathLike) -> tuple[list[bytes | np.ndarray], np.ndarray]:
     """The 2N items and N ``issame`` flags (bool array) of a verification .bin.
 
-    Items are ``bytes`` (encoded image) or numpy uint8 arrays: 1-D = encoded image bytes,
-    (H, W, 3) = decoded RGB pixels.
+    Items are ``bytes`` (encoded image) or numpy uint8 arrays: 1-D = encoded image bytes
+    (a one-row or one-column array in the file is flattened), (H, W, 3) = decoded RGB pixels.
+    The file must be a regular file (a FIFO or device is refused unread, as UnreadableFileError)
+    within :func:`max_bin_bytes`, and so must the image bytes its items reference in total.
     """
     path = os.fspath(path)
+    limit = max_bin_bytes()
+    size = check_regular(path, ".bin file")
+    if size > limit:
+        raise BinFormatError(f"{path}: {size / GB:.1f} GB, over the {limit / GB:g} GB limit for a .bin "
+                             "(set $FACETRAIN_MAX_BIN_GB to raise it)")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_regular(path, ".bin file", max_bytes=limit)
     except OSError as exc:
         raise BinFormatError(f"{path}: cannot read ({exc.strerror or exc})") from None
     obj = _unpickle(path, data)
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise BinFormatError(f"{path}: expected a pickled 2-tuple (bins, issame_list), got {type(obj).__name__}"
+        raise BinFormatError(f"{path}: expected a pickled 2-tuple (bins, issame_list), got {_what(obj)}"
                              + (f" of length {len(obj)}" if isinstance(obj, (tuple, list)) else ""))
     bins, issame = obj
     if isinstance(bins, np.ndarray) and (bins.dtype == object and bins.ndim == 1 or bins.dtype == np.uint8
                                          and bins.ndim == 4 and bins.shape[3] == 3):
         bins = list(bins)  # an object array of encoded images, or all the RGB pixels in one (2N, H, W, 3) array
     if not isinstance(bins, (list, tuple)):
-        raise BinFormatError(f"{path}: bins is a {type(bins).__name__}, expected a list of images")
-    if isinstance(issame, np.ndarray):
-        issame = issame.tolist()
-    if not isinstance(issame, (list, tuple)):
-        raise BinFormatError(f"{path}: issame_list is a {type(issame).__name__}, expected a list of bools")
-    if len(bins) != 2 * len(issame):
-        raise BinFormatError(f"{path}: {len(bins)} images but {len(issame)} pairs in issame_list "
-                             f"(expected 2 x {len(issame)} = {2 * len(issame)} images)")
-    flags = np.empty(len(issame), dtype=bool)
-    for i, v in enumerate(issame):
-        if not isinstance(v, (bool, np.bool_, int, np.integer)) or v not in (0, 1):
-            raise BinFormatError(f"{path}: issame_list item {i} is {v!r}, expected a bool")
-        flags[i] = bool(v)
-    items: list[bytes | np.ndarray] = []
-    for i, item in enumerate(bins):
-        if isinstance(item, (bytes, bytearray)):
-            items.append(bytes(item))
-        elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and (
-            item.ndim == 1 or (item.ndim == 3 and item.shape[2] == 3)
-        ):
-            items.append(item)
-        else:
-            what = f"array {item.dtype} {item.shape}" if isinstance(item, np.ndarray) else type(item).__name__
-            raise BinFormatError(f"{path}: item {i} is {what}; expected image bytes, a 1-D uint8 array "
-                                 "(encoded image) or an (H, W, 3) uint8 array (RGB pixels)")
+        raise BinFormatError(f"{path}: bins is {_what(bins)}, expected a list of images")
+    flags = _flags(path, issame)
+    if len(bins) != 2 * len(flags):
+        raise BinFormatError(f"{path}: {len(bins)} images but {len(flags)} pairs in issame_list "
+                             f"(expected 2 x {len(flags)} = {2 * len(flags)} images)")
+    items = [_payload(path, i, item) for i, item in enumerate(bins)]
+    total = sum(len(x) if isinstance(x, bytes) else x.nbytes for x in items)
+    if total > limit:  # the pickle memo lets a small file reference one payload many times
+        distinct = len({id(x) for x in bins})
+        raise BinFormatError(f"{path}: {len(items)} items reference {total / GB:.1f} GB of image data "
+                             f"({distinct} distinct objects in a {size / MB:.1f} MB file), over the "
+                             f"{limit / GB:g} GB limit (set $FACETRAIN_MAX_BIN_GB to raise it)")
     return items, flags
 
 
+def _be(data: bytes, off: int, n: int) -> int:
+    return int.from_bytes(data[off:off + n], "big")
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): not DHT C4, JPG C8, DAC CC
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    pos, n = 2, len(data)
+    while pos + 4 <= n:  # each step advances at least 2 bytes: bounded by the payload size
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = _be(data, pos + 2, 2)
+        if marker in _JPEG_SOF:
+            return (_be(data, pos + 5, 2), _be(data, pos + 7, 2)) if pos + 9 <= n else None
+        pos += 2 + max(length, 2)
+    return None
+
+
+def encoded_dimensions(payload: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(height, width) in pixels an encoded image claims in its header, without decoding it.
+
+    Read for PNG (IHDR), JPEG (the first SOF segment), GIF (logical screen) and BMP (DIB header);
+    None for other formats or a header too short to say.
+    """
+    head = bytes(payload[:1 << 16]) if isinstance(payload, bytes) else payload[:1 << 16].tobytes()
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return _be(head, 20, 4), _be(head, 16, 4)
+    if head[:3] == b"\xff\xd8\xff":
+        return _jpeg_dimensions(head)
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return int.from_bytes(head[8:10], "little"), int.from_bytes(head[6:8], "little")
+    if head[:2] == b"BM" and len(head) >= 26:
+        return abs(int.from_bytes(head[22:26], "little", signed=True)), int.from_bytes(head[18:22], "little",
+                                                                                        signed=True)
+    return None
+
+
+def check_encoded_size(payload: bytes | np.ndarray, where: str) -> None:
+    """Refuse an encoded image whose header claims more than MAX_IMAGE_PIXELS, before a decoder allocates it.
+
+    ``where`` names it in the message ("lfw.bin: item 7").
+    """
+    dims = encoded_dimensions(payload)
+    if dims is not None and dims[0] * dims[1] > MAX_IMAGE_PIXELS:
+        raise BinFormatError(f"{where}: its header claims {dims[1]}x{dims[0]} pixels (width x height), over "
+                             f"the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit for one image; refused undecoded")
+
+
+def decode_image(payload: bytes | np.ndarray, where: str) -> np.ndarray:
+    """RGB uint8 (H, W, 3) pixels of one encoded image; BinFormatError naming ``where`` if it is not one.
+
+    The header's size is checked first (:func:`check_encoded_size`); an OpenCV error is reported as
+    one line, never raised as ``cv2.error``.
+    """
+    buf = payload if isinstance(payload, np.ndarray) else np.frombuffer(payload, dtype=np.uint8)
+    check_encoded_size(buf, where)
+    try:
+        bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    except cv2.error as exc:
+        reason = str(exc).strip().splitlines()[-1][:120]
+        raise BinFormatError(f"{where} ({buf.size} bytes, starting {bytes(buf[:8])!r}) is not a decodable "
+                             f"image (OpenCV: {reason})") from None
+    if bgr is None:
+        raise BinFormatError(f"{where} ({buf.size} bytes, starting {bytes(buf[:8])!r}) is not a decodable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def decode_bin(
-    path: str | os.PathLike, image_size: tuple[int, int] = (112, 112), progress: bool = False
+    path: str | os.PathLike, image_size: tuple[int, int] = (112, 112), progress: bool = False, min_pairs: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """All images of a .bin as one (2N, H, W, 3) uint8 RGB array, and the issame bool array.
 
     ``image_size`` is (height, width) in pixels; other sizes are resized with INTER_AREA.
     Encoded items are decoded with OpenCV (BGR, converted to RGB); grayscale becomes 3
-    channels; (H, W, 3) array items are taken as RGB already.
+    channels; (H, W, 3) array items are taken as RGB already. ``min_pairs``: refuse a set with
+    fewer pairs before decoding anything (the 10-fold protocol needs 10). The decoded array
+    (2N x H x W x 3 bytes) must fit :func:`max_bin_bytes`.
     """
     path = os.fspath(path)
     items, issame = load_bin(path)
+    if min_pairs:
+        check_pair_count(path, len(issame), min_pairs)
     h, w = image_size
+    need, limit = len(items) * h * w * 3, max_bin_bytes()
+    if need > limit:
+        raise BinFormatError(f"{path}: {len(items)} images of {h}x{w}x3 would decode to {need / GB:.1f} GB, over "
+                             f"the {limit / GB:g} GB limit (set $FACETRAIN_MAX_BIN_GB to raise it)")
     out = np.empty((len(items), h, w, 3), dtype=np.uint8)
     for i, item in enumerate(tqdm(items, desc=f"decode {os.path.basename(path)}", disable=not progress)):
-        if isinstance(item, np.ndarray) and item.ndim == 3:
-            img = item
-        else:
-            buf = item if isinstance(item, np.ndarray) else np.frombuffer(item, dtype=np.uint8)
-            bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
-            if bgr is None:
-                raise BinFormatError(f"{path}: item {i} ({buf.size} bytes, starting {bytes(buf[:8])!r}) "
-                                     "is not a decodable image")
-            img = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        img = item if isinstance(item, np.ndarray) and item.ndim == 3 else decode_image(item, f"{path}: item {i}")
         if img.shape[:2] != (h, w):
             img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
         out[i] = img

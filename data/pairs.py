@@ -23,15 +23,18 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.bins import write_bin
+from data.bins import NFOLDS, write_bin
 from data.sources import DataSourceError
 from data.unpack import payload_extension
 from utils.atomic import write_text
+from utils.files import MB, max_image_bytes, read_regular
+from utils.verification import label_warning
 
 Pair = tuple[str, str, bool]
 Line = tuple[int, list[str]]  # (1-based line number, whitespace-separated fields)
 _STORED_AS_IS = (".jpg", ".png")
 _OURS_HINT = "'<image_a> <image_b> <1|0>'"
+MAX_PAIRS_FILE_BYTES = 256 * MB  # LFW's pairs.txt is ~100 KB; a larger "pairs file" is a wrong argument
 _LFW_HINT = "'name<TAB>i<TAB>j' (same person) or 'name1<TAB>i<TAB>name2<TAB>j' (different people)"
 
 
@@ -105,14 +108,14 @@ def detect_format(lines: Sequence[Line]) -> str:
 
 
 def read_lines(path: str) -> list[Line]:
-    """Non-blank lines of a text file as (line number, fields split on any whitespace)."""
+    """Non-blank lines of a text file as (line number, fields split on any whitespace).
+
+    A FIFO or device is refused unread (UnreadableFileError), so is a file over 256 MB.
+    """
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_regular(path, "pairs file", MAX_PAIRS_FILE_BYTES)
     except FileNotFoundError:
         raise PairsError(f"{path}: no such pairs file") from None
-    except IsADirectoryError:
-        raise PairsError(f"{path}: is a folder, expected a pairs text file") from None
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -153,9 +156,11 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> None:
 
 
 def image_payload(path: str) -> tuple[bytes, bool]:
-    """(bytes to store, converted?) for one image file: JPEG/PNG as on disk, any other format as PNG."""
-    with open(path, "rb") as fh:
-        data = fh.read()
+    """(bytes to store, converted?) for one image file: JPEG/PNG as on disk, any other format as PNG.
+
+    Only regular files within the per-image cap (utils.files.max_image_bytes) are read.
+    """
+    data = read_regular(path, "image", max_image_bytes())
     if payload_extension(data) in _STORED_AS_IS:
         return data, False
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
@@ -168,16 +173,23 @@ def image_payload(path: str) -> tuple[bytes, bool]:
 
 
 def make_bin(images_root: str | os.PathLike, pairs_path: str | os.PathLike, out_bin: str | os.PathLike,
-             kind: str = "bytes", progress: bool = True) -> dict:
+             kind: str = "bytes", progress: bool = True, min_pairs: int = 0) -> dict:
     """Write a verification .bin (written atomically) from an images folder and a pairs file.
 
     Pair order is the file's; pair i is items 2i, 2i+1. ``kind`` as :func:`data.bins.write_bin`:
     'bytes', 'py2str' (like the original insightface files) or 'ndarray' (1-D uint8 arrays).
-    Returns {'pairs', 'same', 'images', 'unique_images', 'converted', 'bytes', 'seconds', 'out'}.
+    ``min_pairs``: refuse a pairs file with fewer pairs before reading any image (``make-bin``
+    passes NFOLDS = 10: the protocol cannot score fewer).
+    Returns {'pairs', 'same', 'images', 'unique_images', 'converted', 'bytes', 'seconds', 'out',
+    'warning'}; 'warning' is e.g. "all 12 pairs are 'same'" (such a set scores 100% for any
+    model), else None.
     """
     t0 = time.perf_counter()
     out_bin = os.fspath(out_bin)
     pairs = parse_pairs(pairs_path, images_root)
+    if len(pairs) < min_pairs:
+        raise PairsError(f"{os.fspath(pairs_path)}: {len(pairs)} pair{'s' if len(pairs) != 1 else ''}; a "
+                         f"verification .bin needs at least {min_pairs} pairs for {NFOLDS}-fold verification")
     cache: dict[str, bytes] = {}
     converted = 0
     payloads: list[bytes] = []
@@ -192,4 +204,5 @@ def make_bin(images_root: str | os.PathLike, pairs_path: str | os.PathLike, out_
     write_bin(out_bin, payloads, [same for _, _, same in pairs], kind=kind)
     return {"pairs": len(pairs), "same": sum(same for _, _, same in pairs), "images": len(payloads),
             "unique_images": len(cache), "converted": converted, "bytes": os.path.getsize(out_bin),
-            "seconds": time.perf_counter() - t0, "out": out_bin}
+            "seconds": time.perf_counter() - t0, "out": out_bin,
+            "warning": label_warning([same for _, _, same in pairs])}

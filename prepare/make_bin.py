@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from prepare import register_command
 
@@ -21,12 +22,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from data.bins import NFOLDS
     from data.pairs import make_bin
 
-    s = make_bin(args.images, args.pairs, args.out, kind=args.kind, progress=not args.no_progress)
+    s = make_bin(args.images, args.pairs, args.out, kind=args.kind, progress=not args.no_progress, min_pairs=NFOLDS)
     converted = f", {s['converted']} converted to PNG" if s["converted"] else ""
     print(f"make-bin: {args.out}: {s['pairs']} pairs ({s['same']} same), {s['images']} images "
           f"({s['unique_images']} files{converted}), {s['bytes'] / 1e6:.1f} MB ({args.kind}), {s['seconds']:.1f} s")
+    if s["warning"]:
+        print(f"make-bin: warning: {args.out}: {s['warning']}; its verification accuracy will "
+              "not measure the model", file=sys.stderr)
     return 0
 
 

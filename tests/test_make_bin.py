@@ -11,6 +11,7 @@ import pytest
 import prepare_data
 from data.pairs import PairsError, make_bin, parse_pairs
 from tests.cli_helpers import one_line_error
+from utils.files import UnreadableFileError
 
 Image = pytest.importorskip("PIL.Image")  # an independent decoder (pillow comes with matplotlib)
 
@@ -79,14 +80,14 @@ def test_missing_image_names_file_and_line(lfw, tmp_path):
 
 @pytest.fixture
 def mixed(tmp_path):
-    """img/a.jpg, img/b.png, img/c.bmp and a pairs file using them out of order."""
+    """img/a.jpg, img/b.png, img/c.bmp and a 12-pair pairs file using them out of order (3 lines x 4)."""
     d = tmp_path / "img"
     d.mkdir()
     files = {"a.jpg": encoded(".jpg", (200, 10, 10)), "b.png": encoded(".png", (10, 200, 10)),
              "c.bmp": encoded(".bmp", (255, 0, 0))}
     for n, data in files.items():
         (d / n).write_bytes(data)
-    (tmp_path / "pairs.txt").write_text("b.png a.jpg 0\na.jpg a.jpg 1\nc.bmp b.png 0\n")
+    (tmp_path / "pairs.txt").write_text("b.png a.jpg 0\na.jpg a.jpg 1\nc.bmp b.png 0\n" * 4)
     return d, files
 
 
@@ -95,8 +96,9 @@ def test_make_bin_stores_file_bytes_in_pair_order(tmp_path, mixed):
     summary = make_bin(d, tmp_path / "pairs.txt", tmp_path / "out" / "x.bin", progress=False)
     items, issame = pickle.loads((tmp_path / "out" / "x.bin").read_bytes())
     assert items[:4] == [files["b.png"], files["a.jpg"], files["a.jpg"], files["a.jpg"]]
-    assert issame == [False, True, False]
-    assert (summary["pairs"], summary["images"], summary["unique_images"], summary["converted"]) == (3, 6, 3, 1)
+    assert issame == [False, True, False] * 4
+    assert (summary["pairs"], summary["images"], summary["unique_images"], summary["converted"]) == (12, 24, 3, 1)
+    assert summary["warning"] is None
 
 
 def test_make_bin_converts_other_formats_to_png_keeping_colours(tmp_path, mixed):
@@ -115,7 +117,7 @@ def test_make_bin_py2str_kind_is_a_python2_pickle(tmp_path, mixed):
     with pytest.raises(UnicodeDecodeError):  # Python 2 str items: only encoding='bytes' reads them
         pickle.loads(data)
     items, issame = pickle.loads(data, encoding="bytes")
-    assert items[:2] == [files["b.png"], files["a.jpg"]] and list(issame) == [False, True, False]
+    assert items[:2] == [files["b.png"], files["a.jpg"]] and list(issame) == [False, True, False] * 4
 
 
 def test_make_bin_ndarray_kind_holds_1d_uint8_arrays(tmp_path, mixed):
@@ -131,7 +133,45 @@ def test_cli_make_bin_summary_line(capsys, tmp_path, mixed):
     assert prepare_data.main(["make-bin", str(d), str(tmp_path / "pairs.txt"), str(tmp_path / "x.bin"),
                               "--no-progress"]) == 0
     out = capsys.readouterr().out.strip()
-    assert len(out.splitlines()) == 1 and "3 pairs (1 same)" in out
+    assert len(out.splitlines()) == 1 and "12 pairs (4 same)" in out
+
+
+@pytest.mark.parametrize("n", [1, 9])
+def test_cli_make_bin_refuses_fewer_than_10_pairs(capsys, tmp_path, mixed, n):
+    d, _ = mixed
+    (tmp_path / "few.txt").write_text("a.jpg b.png 1\n" * n)
+    one_line_error(capsys, ["make-bin", str(d), str(tmp_path / "few.txt"), str(tmp_path / "x.bin")],
+                   "prepare_data.py make-bin: error:", f"few.txt: {n} pair", "needs at least 10 pairs")
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_make_bin_library_accepts_small_sets_unless_asked(tmp_path, mixed):
+    d, _ = mixed
+    (tmp_path / "few.txt").write_text("a.jpg b.png 1\n")
+    assert make_bin(d, tmp_path / "few.txt", tmp_path / "x.bin", progress=False)["pairs"] == 1
+    with pytest.raises(PairsError, match=r"few\.txt: 1 pair; a verification \.bin needs at least 10 pairs"):
+        make_bin(d, tmp_path / "few.txt", tmp_path / "y.bin", progress=False, min_pairs=10)
+    assert not (tmp_path / "y.bin").exists()
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_cli_make_bin_warns_when_all_pairs_have_one_label(capsys, tmp_path, mixed, label):
+    d, _ = mixed
+    (tmp_path / "one.txt").write_text(f"a.jpg b.png {label}\n" * 12)
+    assert prepare_data.main(["make-bin", str(d), str(tmp_path / "one.txt"), str(tmp_path / "x.bin"),
+                              "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    word = "same" if label else "different"
+    assert captured.err.strip() == (f"make-bin: warning: {tmp_path / 'x.bin'}: all 12 pairs are '{word}'; "
+                                    "its verification accuracy will not measure the model")
+    assert pickle.loads((tmp_path / "x.bin").read_bytes())[1] == [bool(label)] * 12
+
+
+def test_make_bin_refuses_a_fifo_pairs_file_unread(tmp_path, mixed):
+    d, _ = mixed
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(UnreadableFileError, match=r"fifo\.txt: is a FIFO"):
+        make_bin(d, tmp_path / "fifo.txt", tmp_path / "x.bin", progress=False)
 
 
 

@@ -257,3 +257,20 @@ def test_to_dict_is_strict_json():
     assert set(d["tar_at_far"]) == {"0.0001", "0.001", "0.01"}
     assert len(d["fold_accuracies"]) == 10 and len(d["fpr"]) == len(d["tpr"])
     assert 0 <= d["accuracy"] <= 1
+
+
+def test_label_warning_names_a_one_label_set():
+    from utils.verification import label_warning
+
+    assert label_warning([True] * 20) == "all 20 pairs are 'same'"
+    assert label_warning(np.zeros(20, np.int64)) == "all 20 pairs are 'different'"
+    assert label_warning([True, False] * 10) is None and label_warning([]) is None
+
+
+def test_result_carries_the_warning_into_its_dict():
+    rng = np.random.default_rng(0)
+    dist = rng.uniform(0, 4, 20)
+    all_same = evaluate_pairs(dist, np.ones(20, bool))
+    assert all_same.warning == "all 20 pairs are 'same'" and all_same.to_dict()["warning"] == all_same.warning
+    mixed = evaluate_pairs(dist, np.arange(20) % 2 == 0)
+    assert mixed.warning is None and mixed.to_dict()["warning"] is None

@@ -7,14 +7,15 @@ numbers for the same weights.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch.nn as nn
 
 from utils.embed import embed
-from utils.verification import VerificationResult, evaluate_embeddings
+from utils.verification import VerificationResult, evaluate_embeddings, label_warning
 
 # The seven standard sets, in the order papers and the seeds report them.
 STANDARD_TARGETS = ("lfw", "cfp_ff", "cfp_fp", "agedb_30", "calfw", "cplfw", "vgg2_fp")
@@ -29,6 +30,7 @@ class Target:
     images: np.ndarray
     issame: np.ndarray
     sha256: str = ""  # of the .bin file
+    warning: str | None = None  # e.g. "all 20 pairs are 'same'": its accuracy means nothing
 
 
 @dataclass
@@ -40,6 +42,11 @@ class TargetSet:
 
 
 _DECODED: Dict[tuple, Target] = {}
+NFOLDS = 10  # the protocol's folds: a target with fewer pairs is refused when loaded
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
 
 
 def find_targets(data_dir: str, names: Sequence[str] | None = None) -> tuple[Dict[str, str], List[str]]:
@@ -57,24 +64,35 @@ def find_targets(data_dir: str, names: Sequence[str] | None = None) -> tuple[Dic
 
 
 def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(112, 112),
-                 progress: bool = False, cache_dir: str | None = "default") -> TargetSet:
+                 progress: bool = False, cache_dir: str | None = "default",
+                 log: Callable[[str], None] | None = None) -> TargetSet:
     """Decode the requested targets once per process, and once per file content on disk.
 
     In a process a set is kept by path, size and mtime; across processes the decoded
     pixels are cached by the file's sha256 (data/bincache.py; ``cache_dir`` None
     switches that off, "default" uses $FACETRAIN_CACHE or ~/.cache/facetrain).
+    Every problem shows here, before any training or embedding: a FIFO or device is refused
+    unread, a set with fewer than 10 pairs raises BinFormatError naming the file, and a set
+    whose pairs all have one label is logged as a warning line (``log``, default stderr)
+    and carried as ``Target.warning``.
     """
     from data.bincache import load_decoded  # local: data/ is only needed when targets are loaded
 
+    log = log or _stderr
     found, missing = find_targets(data_dir, names)
     out = TargetSet(missing=missing)
     for name, path in found.items():
         st = os.stat(path)
         key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, tuple(image_size))
         if key not in _DECODED:
-            d = load_decoded(path, image_size=tuple(image_size), cache_dir=cache_dir, progress=progress)
-            _DECODED[key] = Target(name, path, d.images, d.issame, d.sha256)
-        out.targets.append(_DECODED[key])
+            d = load_decoded(path, image_size=tuple(image_size), cache_dir=cache_dir, progress=progress,
+                             min_pairs=NFOLDS, log=log)
+            _DECODED[key] = Target(name, path, d.images, d.issame, d.sha256, label_warning(d.issame))
+        target = _DECODED[key]
+        if target.warning:
+            log(f"warning: verification target {name} ({path}): {target.warning}; "
+                "its accuracy does not measure the model (one threshold can accept or reject every pair)")
+        out.targets.append(target)
     return out
 
 

@@ -17,6 +17,8 @@ Conventions used throughout:
 - a NaN distance is never accepted as "same", at any threshold (as ``np.less`` does).
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +50,9 @@ class VerificationResult:
         "XNorm"; set by the caller that still has them (NaN when unknown). A collapsing or
         exploding norm is an early sign of a broken run.
     Without both same and different pairs the all-pairs metrics are NaN and the ROC is empty.
+    warning: set (e.g. "all 20 pairs are 'same'") when every pair has one label: the accuracy
+        then reads ~100% for a threshold that accepts (or rejects) nearly everything, whatever the model;
+        None otherwise.
     """
 
     accuracy: float
@@ -66,6 +71,7 @@ class VerificationResult:
     fpr: np.ndarray
     tpr: np.ndarray
     xnorm: float = float("nan")
+    warning: str | None = None
 
     def to_dict(self, include_roc: bool = True) -> dict:
         """JSON-ready copy: arrays become lists, NaN becomes None, ``tar_at_far`` keys become
@@ -85,11 +91,27 @@ class VerificationResult:
             "eer": _num(self.eer),
             "num_pairs": int(self.num_pairs),
             "xnorm": _num(self.xnorm),
+            "warning": self.warning,
         }
         if include_roc:
             out["fpr"] = [float(x) for x in self.fpr]
             out["tpr"] = [float(x) for x in self.tpr]
         return out
+
+
+def label_warning(issame) -> str | None:
+    """"all N pairs are 'same'" ('different') when a set has only one label, else None.
+
+    Such a set scores ~100% for any model (the protocol picks a threshold that accepts or
+    rejects nearly everything), so its number must never be reported without this warning.
+    """
+    same = np.asarray(issame, dtype=bool)
+    n = same.size
+    if n and same.all():
+        return f"all {n} pairs are 'same'"
+    if n and not same.any():
+        return f"all {n} pairs are 'different'"
+    return None
 
 
 def _num(x) -> float | None:
@@ -293,6 +315,7 @@ def evaluate_pairs(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10) 
         num_pairs=int(dist.size),
         fpr=fpr,
         tpr=tpr,
+        warning=label_warning(same),
     )
 
 
