@@ -130,17 +130,26 @@ def load_model(path: str, args: argparse.Namespace) -> LoadedModel:
 
 
 def format_table(rows: List[Dict[str, Any]], targets: List[str], missing: List[str]) -> str:
-    """Markdown-style table: one row per checkpoint, accuracy % mean +- std per target, mean."""
+    """Markdown-style table: one row per checkpoint, accuracy % mean +- std per target, mean.
+
+    A set whose accuracy measures nothing (all pairs one label) is marked ``(!)`` and explained under the table.
+    """
     header = ["checkpoint"] + targets + missing + ["mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    warnings: Dict[str, str] = {}
     for row in rows:
         cells = [row["label"]]
         for t in targets:
             r = row["results"][t]
-            cells.append(f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}")
+            mark = " (!)" if r.get("warning") else ""
+            if mark:
+                warnings[t] = r["warning"]
+            cells.append(f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}{mark}")
         cells += ["missing"] * len(missing)
         cells.append(f"{100 * row['mean_accuracy']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if warnings:
+        lines += [""] + [f"(!) {t}: {w}; its accuracy does not measure the model" for t, w in warnings.items()]
     return "\n".join(lines)
 
 

@@ -100,7 +100,7 @@ def make_evaluator(cfg: Config, device: torch.device, log) -> Any:
     if cfg.eval_every < 0:  # verification switched off: do not decode the .bin files at all
         return None
     names: List[str] = [t for t in cfg.targets.split(",") if t] or None
-    targets = load_targets(eval_dir_of(cfg), names, progress=cfg.progress)
+    targets = load_targets(eval_dir_of(cfg), names, progress=cfg.progress, log=log)
     for missing in targets.missing:
         log(f"warning: verification target {missing!r} not found in {eval_dir_of(cfg)}")
     if not targets.targets:

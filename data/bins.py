@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from data.imageformat import oversize
 from utils.atomic import write_bytes
 from utils.files import MB, check_regular, read_regular
 
@@ -34,7 +35,6 @@ GB = 1 << 30
 DEFAULT_MAX_BIN_GB = 8.0
 # Pixels one encoded image may claim in its header before it is refused undecoded (OpenCV's own
 # limit is 2**30, i.e. a 3 GB allocation); a face crop has ~12.5 k, a large photo ~50 M.
-MAX_IMAGE_PIXELS = 1 << 26
 NFOLDS = 10  # the verification protocol's folds: a set needs at least this many pairs
 
 _ALLOWED_WHAT = "only image bytes, numpy arrays and bool/integer flags are allowed"
@@ -268,63 +268,14 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes | np.ndarray], np.ndar
     return items, flags
 
 
-def _be(data: bytes, off: int, n: int) -> int:
-    return int.from_bytes(data[off:off + n], "big")
-
-
-# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): not DHT C4, JPG C8, DAC CC
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
-    pos, n = 2, len(data)
-    while pos + 4 <= n:  # each step advances at least 2 bytes: bounded by the payload size
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-            return None
-        length = _be(data, pos + 2, 2)
-        if marker in _JPEG_SOF:
-            return (_be(data, pos + 5, 2), _be(data, pos + 7, 2)) if pos + 9 <= n else None
-        pos += 2 + max(length, 2)
-    return None
-
-
-def encoded_dimensions(payload: bytes | np.ndarray) -> tuple[int, int] | None:
-    """(height, width) in pixels an encoded image claims in its header, without decoding it.
-
-    Read for PNG (IHDR), JPEG (the first SOF segment), GIF (logical screen) and BMP (DIB header);
-    None for other formats or a header too short to say.
-    """
-    head = bytes(payload[:1 << 16]) if isinstance(payload, bytes) else payload[:1 << 16].tobytes()
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
-        return _be(head, 20, 4), _be(head, 16, 4)
-    if head[:3] == b"\xff\xd8\xff":
-        return _jpeg_dimensions(head)
-    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
-        return int.from_bytes(head[8:10], "little"), int.from_bytes(head[6:8], "little")
-    if head[:2] == b"BM" and len(head) >= 26:
-        return abs(int.from_bytes(head[22:26], "little", signed=True)), int.from_bytes(head[18:22], "little",
-                                                                                        signed=True)
-    return None
-
-
 def check_encoded_size(payload: bytes | np.ndarray, where: str) -> None:
     """Refuse an encoded image whose header claims more than MAX_IMAGE_PIXELS, before a decoder allocates it.
 
     ``where`` names it in the message ("lfw.bin: item 7").
     """
-    dims = encoded_dimensions(payload)
-    if dims is not None and dims[0] * dims[1] > MAX_IMAGE_PIXELS:
-        raise BinFormatError(f"{where}: its header claims {dims[1]}x{dims[0]} pixels (width x height), over "
-                             f"the {MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit for one image; refused undecoded")
+    why = oversize(payload)
+    if why:
+        raise BinFormatError(f"{where}: {why}; refused undecoded")
 
 
 def decode_image(payload: bytes | np.ndarray, where: str) -> np.ndarray:

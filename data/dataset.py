@@ -16,14 +16,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from data.imageformat import oversize
 from data.sources import FaceSource, open_source
 from utils.files import UnreadableFileError
 
 
 def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
-    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None if undecodable."""
+    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None if undecodable (or claiming in its
+    header more pixels than data.imageformat.MAX_IMAGE_PIXELS: such bytes never reach the decoder)."""
     buf = np.frombuffer(payload, dtype=np.uint8)
-    if buf.size == 0:
+    if buf.size == 0 or oversize(buf):
         return None
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is None:

@@ -1,10 +1,13 @@
 """What encoded image bytes are, from their magic bytes: one table for every tool that asks.
 
 unpack names files by it, pack decides what to store as is, inspect counts formats,
-the device decoder picks its JPEG path.
+the device decoder picks its JPEG path; and how large an image claims to be, read from its
+header, so that no decoder is handed a 100k x 100k "image" to allocate.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 # (format name, file extension, ((offset, bytes), ...)): every (offset, bytes) must match
 _SIGNATURES: tuple[tuple[str, str, tuple[tuple[int, bytes], ...]], ...] = (
@@ -39,3 +42,64 @@ def image_format(payload: bytes) -> str:
 def payload_extension(payload: bytes) -> str:
     """File extension ('.jpg', '.png', ...) of encoded image bytes; '.dat' when none matches."""
     return _match(payload)[1]
+
+
+# Pixels one image may claim before it is refused undecoded (64 Mpx: 8192 x 8192; a face crop is 112 x 112).
+MAX_IMAGE_PIXELS = 1 << 26
+
+
+def _be(data: bytes, off: int, n: int) -> int:
+    return int.from_bytes(data[off:off + n], "big")
+
+
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): not DHT C4, JPG C8, DAC CC
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    pos, n = 2, len(data)
+    while pos + 4 <= n:  # each step advances at least 2 bytes: bounded by the payload size
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
+            return None
+        length = _be(data, pos + 2, 2)
+        if marker in _JPEG_SOF:
+            return (_be(data, pos + 5, 2), _be(data, pos + 7, 2)) if pos + 9 <= n else None
+        pos += 2 + max(length, 2)
+    return None
+
+
+def encoded_dimensions(payload: bytes | np.ndarray) -> tuple[int, int] | None:
+    """(height, width) in pixels an encoded image claims in its header, without decoding it.
+
+    Read for PNG (IHDR), JPEG (the first SOF segment), GIF (logical screen) and BMP (DIB header);
+    None for other formats or a header too short to say.
+    """
+    head = bytes(payload[:1 << 16]) if isinstance(payload, bytes) else payload[:1 << 16].tobytes()
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return _be(head, 20, 4), _be(head, 16, 4)
+    if head[:3] == b"\xff\xd8\xff":
+        return _jpeg_dimensions(head)
+    if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
+        return int.from_bytes(head[8:10], "little"), int.from_bytes(head[6:8], "little")
+    if head[:2] == b"BM" and len(head) >= 26:
+        return abs(int.from_bytes(head[22:26], "little", signed=True)), int.from_bytes(head[18:22], "little",
+                                                                                        signed=True)
+    return None
+
+
+def oversize(payload: bytes | np.ndarray) -> str | None:
+    """Why ``payload`` must not be decoded ("its header claims W x H pixels, over ..."), or None."""
+    dims = encoded_dimensions(payload)
+    if dims is not None and dims[0] * dims[1] > MAX_IMAGE_PIXELS:
+        return (f"its header claims {dims[1]}x{dims[0]} pixels (width x height), over the "
+                f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpx limit for one image")
+    return None

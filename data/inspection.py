@@ -121,7 +121,7 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
         report.problem(str(exc))
         return None
     size = report["bytes"]
-    raw = RecordReader(rec_path, os.devnull)  # no index: read_at(offset) only, which checks every chunk
+    raw = RecordReader(rec_path, indexed=False)  # read_at(offset) only, which checks every chunk
 
     def read(key: int, offset: int):
         if offset >= size:
@@ -309,7 +309,7 @@ def inspect_bin(path: str, full: bool = False, sample: int = 200, seed: int = 0,
     report = _new_report(path, "bin")
     try:
         items, issame = load_bin(path)
-    except BinFormatError as exc:
+    except (BinFormatError, UnreadableFileError, FileNotFoundError) as exc:
         report.problem(str(exc))
         return dict(report)
     same = int(issame.sum())

@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.imageformat import image_format
+from data.imageformat import image_format, oversize
 from data.sources import SOURCES, DataSourceError, FaceSource, check_labels, open_source, printable
 from utils.atomic import write_text
 
@@ -48,9 +48,10 @@ class PackError(DataSourceError):
 
 
 def decode_bgr(payload: bytes) -> np.ndarray | None:
-    """OpenCV decode to (H, W, 3) uint8 BGR, or None when the bytes are not a decodable image."""
+    """OpenCV decode to (H, W, 3) uint8 BGR, or None when the bytes are not a decodable image
+    (or claim in their header more pixels than any face image has: never handed to the decoder)."""
     buf = np.frombuffer(payload, dtype=np.uint8)
-    if buf.size == 0:
+    if buf.size == 0 or oversize(buf):
         return None
     try:
         return cv2.imdecode(buf, cv2.IMREAD_COLOR)

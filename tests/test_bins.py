@@ -411,7 +411,7 @@ def test_cv2_error_becomes_one_line(tmp_path, monkeypatch):
     """Where the header is not read (here: switched off), OpenCV's own refusal is reported, not raised."""
     import data.bins
 
-    monkeypatch.setattr(data.bins, "encoded_dimensions", lambda payload: None)
+    monkeypatch.setattr(data.bins, "oversize", lambda payload: None)
     _, pngs, issame = twelve_pairs()
     path = tmp_path / "lfw.bin"
     path.write_bytes(pickle.dumps(([png_header(100_000, 100_000)] + pngs[1:], issame), protocol=4))
@@ -422,7 +422,7 @@ def test_cv2_error_becomes_one_line(tmp_path, monkeypatch):
 
 
 def test_encoded_dimensions_against_pillow(tmp_path):
-    from data.bins import encoded_dimensions
+    from data.imageformat import encoded_dimensions
 
     Image = pytest.importorskip("PIL.Image")  # an independent header reader
     rgb = np.random.default_rng(0).integers(0, 256, (5, 9, 3), dtype=np.uint8)  # 5 high, 9 wide

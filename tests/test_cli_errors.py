@@ -220,3 +220,15 @@ def test_full_disk_is_one_line(tmp_path, tiny_pack, module, limit, argv, needle)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
     assert "[Errno 27]" in lines[0] and out in lines[0]
+
+
+def test_a_one_label_set_is_marked_in_the_table():
+    """A set whose pairs are all 'same' scores high for any model: its cell is marked and explained."""
+    from evaluate import format_table
+
+    res = {"accuracy": 0.95, "accuracy_std": 0.05, "warning": "all 20 pairs are 'same'"}
+    ok = {"accuracy": 0.9, "accuracy_std": 0.1, "warning": None}
+    table = format_table([{"label": "m.pt", "results": {"lfw": res, "cfp_fp": ok}, "mean_accuracy": 0.925}],
+                         ["lfw", "cfp_fp"], [])
+    assert "| m.pt | 95.00 +- 5.00 (!) | 90.00 +- 10.00 | 92.50 |" in table
+    assert table.endswith("\n\n(!) lfw: all 20 pairs are 'same'; its accuracy does not measure the model")

@@ -139,14 +139,20 @@ class RecordReader:
     lazily, reopened after a fork, and not part of the pickled state.
     """
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None):
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
+                 indexed: bool = True):
+        """``indexed=False``: no index read and no scan (no records by number): ``read_at(offset)`` only."""
         self.rec_path = os.fspath(rec_path)
-        if idx_path is None:
+        if not indexed:
+            idx_path = None
+        elif idx_path is None:
             default = os.path.splitext(self.rec_path)[0] + ".idx"
             idx_path = default if os.path.exists(default) else None
         self.idx_path = os.fspath(idx_path) if idx_path is not None else None
         self._size = check_regular(self.rec_path, ".rec file")
-        if self.idx_path is None:
+        if not indexed:
+            self.offsets = self.keys = np.empty(0, dtype=np.int64)
+        elif self.idx_path is None:
             self.offsets = scan_offsets(self.rec_path)
             self.keys = np.arange(len(self.offsets), dtype=np.int64)
         else:
