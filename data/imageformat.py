@@ -44,7 +44,7 @@ def payload_extension(payload: bytes) -> str:
     return _match(payload)[1]
 
 
-# Pixels one image may claim before it is refused undecoded (64 Mpx: 8192 x 8192; a face crop is 112 x 112).
+# Pixels one image may claim before it is refused undecoded (2^26, 67 Mpx: 8192 x 8192; a face crop is 112 x 112).
 MAX_IMAGE_PIXELS = 1 << 26
 
 

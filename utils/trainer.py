@@ -49,6 +49,16 @@ from utils.schedule import make_lr_lambda
 Evaluator = Callable[[nn.Module], Dict[str, Any]]
 
 
+def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i: one fused kernel where torch has it (hundreds of BN buffers per step)."""
+    foreach = getattr(torch, "_foreach_copy_", None)
+    if foreach is not None:
+        foreach(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
 class TrainingDivergedError(ckpt.CheckpointError):
     """The run cannot go on to a usable checkpoint: too many non-finite steps in a row, or
     non-finite weights about to be saved. A CheckpointError, so scripts print it as one line."""
@@ -277,7 +287,7 @@ class Trainer:
         masks = self._flip_masks()
         self.optimizer.zero_grad(set_to_none=True)
         if self._buffers:
-            torch._foreach_copy_(self._buffer_copy, self._buffers)
+            _copy_all(self._buffer_copy, self._buffers)
         total = torch.zeros((), device=self.device)
         channels_last = getattr(self.cfg, "channels_last", False)
         for m, (images, labels) in enumerate(micro_batches):
@@ -304,7 +314,7 @@ class Trainer:
         if self.last_bad is None:
             self.scaler.step(self.optimizer)
         elif self._buffers:
-            torch._foreach_copy_(self._buffers, self._buffer_copy)
+            _copy_all(self._buffers, self._buffer_copy)
         self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
         with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
@@ -353,8 +363,9 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)
-        if max_norm <= 0:
-            return torch.nn.utils.get_total_norm([p.grad for p in params])
+        if max_norm <= 0:  # (torch.nn.utils.get_total_norm is newer than the torch we support)
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().float())
+                                                         for p in params]))
         shard = [p for p in params if self.sharded and p is self.head.weight]
         rest = [p for p in params if not (self.sharded and p is self.head.weight)]
         if not shard or not self.dist.distributed:
