@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data.imageformat import oversize
 from utils.atomic import write_bytes
-from utils.files import MB, check_regular, read_regular
+from utils.files import MB, check_regular, read_regular, size_from_env
 
 GB = 1 << 30
 # A .bin file, the image bytes its items reference (a pickle may reference one payload many
@@ -46,14 +46,7 @@ class BinFormatError(ValueError):
 
 def max_bin_bytes() -> int:
     """The per-.bin size cap in bytes ($FACETRAIN_MAX_BIN_GB, else 8 GB); see DEFAULT_MAX_BIN_GB."""
-    raw = os.environ.get("FACETRAIN_MAX_BIN_GB", "")
-    try:
-        gb = float(raw) if raw else DEFAULT_MAX_BIN_GB
-    except ValueError:
-        raise BinFormatError(f"$FACETRAIN_MAX_BIN_GB={raw!r} is not a number of gigabytes") from None
-    if not gb > 0 or gb == float("inf"):
-        raise BinFormatError(f"$FACETRAIN_MAX_BIN_GB={raw!r} must be a positive number of gigabytes")
-    return int(gb * GB)
+    return size_from_env("FACETRAIN_MAX_BIN_GB", DEFAULT_MAX_BIN_GB, GB, "gigabytes")
 
 
 def check_pair_count(path: str, pairs: int, nfolds: int = NFOLDS) -> None:

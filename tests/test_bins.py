@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from data.bins import BinFormatError, decode_bin, load_bin, write_bin
+from utils.files import UnreadableFileError
 
 
 def rgb_images(n: int, size: int = 8) -> list[np.ndarray]:
@@ -374,7 +375,7 @@ def test_size_limit_env(tmp_path, monkeypatch):
     with pytest.raises(BinFormatError, match=r"lfw\.bin: 0\.0 GB, over the .* GB limit for a \.bin"):
         load_bin(path)
     monkeypatch.setenv("FACETRAIN_MAX_BIN_GB", "lots")
-    with pytest.raises(BinFormatError, match=r"FACETRAIN_MAX_BIN_GB='lots' is not a number"):
+    with pytest.raises(UnreadableFileError, match=r"FACETRAIN_MAX_BIN_GB='lots' is not a number"):
         load_bin(path)
 
 

@@ -21,16 +21,21 @@ class UnreadableFileError(ValueError):
     """A path that is not a regular file, or one larger than the cap for its kind (one line, names the path)."""
 
 
+def size_from_env(var: str, default: float, unit: int, unit_name: str) -> int:
+    """A size cap in bytes: ``$var`` (a positive number of ``unit_name``) if set, else ``default`` of them."""
+    raw = os.environ.get(var, "")
+    try:
+        amount = float(raw) if raw else default
+    except ValueError:
+        raise UnreadableFileError(f"${var}={raw!r} is not a number of {unit_name}") from None
+    if not amount > 0 or amount == float("inf"):
+        raise UnreadableFileError(f"${var}={raw!r} must be a positive number of {unit_name}")
+    return int(amount * unit)
+
+
 def max_image_bytes() -> int:
     """The per-image size cap in bytes ($FACETRAIN_MAX_IMAGE_MB, else 64 MB)."""
-    raw = os.environ.get("FACETRAIN_MAX_IMAGE_MB", "")
-    try:
-        mb = float(raw) if raw else DEFAULT_MAX_IMAGE_MB
-    except ValueError:
-        raise UnreadableFileError(f"$FACETRAIN_MAX_IMAGE_MB={raw!r} is not a number of megabytes") from None
-    if not mb > 0 or mb == float("inf"):
-        raise UnreadableFileError(f"$FACETRAIN_MAX_IMAGE_MB={raw!r} must be a positive number of megabytes")
-    return int(mb * MB)
+    return size_from_env("FACETRAIN_MAX_IMAGE_MB", DEFAULT_MAX_IMAGE_MB, MB, "megabytes")
 
 
 def check_regular(path: str, what: str = "file", max_bytes: int | None = None) -> int:
