@@ -138,7 +138,8 @@ class Config:
         "training checkpoints kept: 1 = checkpoint.pt alone; K > 1 = the K newest also as checkpoint-<step>.pt "
         "(checkpoint.pt is a hard link to the newest: no extra space)")})
     overwrite: bool = field(default=False, metadata={"help": (
-        "allow --output to name a folder that already holds a run (its files are replaced); "
+        "allow --output to name a folder that already holds a run (its files are replaced, its numbered "
+        "checkpoints removed); "
         "without it, such a folder needs --resume")})
     max_bad_steps: int = field(default=5, metadata={"min": 1, "help": (
         "optimizer steps in a row with a NaN/inf loss or gradient (each skipped, weights untouched) "

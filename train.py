@@ -251,6 +251,9 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
         cfg = keep_global_batch(cfg, state, given, info.world_size)
     if info.is_main:  # rank 0 alone: the others would race its own writes (torchrun stops them if it fails)
         check_output(cfg, source)
+        if cfg.overwrite and not source:  # the old run's numbered checkpoints would outrank (and prune) the new
+            for _, old in ckpt.numbered_checkpoints(cfg.output):
+                os.remove(old)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":

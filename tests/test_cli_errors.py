@@ -104,8 +104,10 @@ def test_existing_run_is_refused_then_overwritten(capsys, tiny_pack, tmp_path):
     script_error(capsys, train.main, _train(tiny_pack, tmp_path, "--batch-size", "12"),
                  "already holds a run (config.json)", f"--resume {run} to continue it", "--overwrite to replace it")
     assert (run / "config.json").read_text() == "{}", "the old run is untouched"
-    assert train.main(_train(tiny_pack, tmp_path, "--batch-size", "12", "--overwrite")) == 0
+    (run / "checkpoint-00009999.pt").write_bytes(b"the old run's")  # would outrank the new run's own
+    assert train.main(_train(tiny_pack, tmp_path, "--batch-size", "12", "--overwrite", "--keep", "2")) == 0
     assert json.loads((run / "config.json").read_text())["batch_size"] == 12
+    assert sorted(p.name for p in run.glob("checkpoint*.pt")) == ["checkpoint-00000001.pt", "checkpoint.pt"]
 
 
 def test_resume_auto_restarts_a_run_that_never_saved(tiny_pack, tmp_path):
