@@ -20,8 +20,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Sequence
 
+from utils.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad key or value in a config file or on the command line (one line)."""
 
 

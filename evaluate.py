@@ -24,16 +24,16 @@ import torch
 import torch.nn as nn
 
 import backbones
-from backbones.checkpoint import mismatch_report
+from backbones.weights import describe_backbone, mismatch_report, state_dict_of
 from config import ConfigError, check_range
-from utils import checkpoint as ckpt
+from engine.distributed import resolve_device
+from evaluation.embed import TTA_MODES
+from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from utils.atomic import write_atomic, write_json, write_text
-from utils.distributed import resolve_device
-from utils.embed import TTA_MODES
 from utils.errors import fail, user_errors
-from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
 from utils.plots import plot_roc
 from utils.runtime import keep_freed_memory
+from utils.torchfile import CheckpointError, check_finite, load_file, sha256_file
 from utils.version import code_version
 
 PROTOCOL = ("10-fold verification (insightface protocol): embedding = L2-normalise(e(x) + e(flip x)) for tta=sum; "
@@ -106,25 +106,25 @@ def expand_checkpoints(paths: Sequence[str]) -> List[str]:
 def load_model(path: str, args: argparse.Namespace) -> LoadedModel:
     """Rebuild the backbone a checkpoint describes, or `--backbone` for foreign weights.
 
-    Every field is validated before the model is built (utils.checkpoint.describe_backbone), and
+    Every field is validated before the model is built (backbones.weights.describe_backbone), and
     weights holding NaN/inf are refused: a diverged model would otherwise score a meaningless 50%.
     """
-    data = ckpt.load_file(path)
-    info = ckpt.describe_backbone(data, path)
+    data = load_file(path)
+    info = describe_backbone(data, path)
     if info is None:
         if not args.backbone:
             raise ConfigError(f"{path}: foreign weights (not written by train.py): say which architecture "
                               f"with --backbone NAME")
         info = {"backbone": args.backbone, "embedding_size": args.embedding_size, "channel_order": "rgb",
-                "state_dict": ckpt.state_dict_of(data, path)}
+                "state_dict": state_dict_of(data, path)}
     name = args.backbone or info["backbone"]
     order = args.input_order or info["channel_order"]
     state = info["state_dict"]
-    ckpt.check_finite(state, path)
+    check_finite(state, path)
     model = backbones.build(name, embedding_size=info["embedding_size"], channel_order=order)
     problems = mismatch_report(model.state_dict(), state)
     if problems:
-        raise ckpt.CheckpointError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
     model.load_state_dict(state)
     return LoadedModel(os.path.relpath(path), path, model, name, order)
 
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_targets(lm.model, targets.targets, batch_size=args.batch_size, device=device,
                                    tta=args.tta, amp=args.amp, progress=not args.no_progress,
                                    embeddings_out=embeddings if args.save_embeddings else None)
-        row = {"label": lm.label, "path": os.path.abspath(path), "sha256": ckpt.sha256_file(path),
+        row = {"label": lm.label, "path": os.path.abspath(path), "sha256": sha256_file(path),
                "backbone": lm.backbone, "channel_order": lm.channel_order,
                "mean_accuracy": mean_accuracy(results), "results": {k: r.to_dict() for k, r in results.items()}}
         rows.append(row)

@@ -3,39 +3,25 @@
     python prepare_data.py synth --out datasets/synth --identities 300 --images-per-id 20
     python prepare_data.py COMMAND --help        # each subcommand, with an example
 
-Each subcommand is a module in prepare/ (flags and reporting), found by name;
-the work itself lives in data/.
+Each subcommand is a module in prepare/commands/ (flags and reporting), listed in
+prepare/commands/__init__.py; the work itself lives in prepare/.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 import sys
 from typing import Sequence
 
+from prepare.commands import COMMANDS
 from utils.errors import fail, user_errors
 from utils.runtime import keep_freed_memory
-
-# The order `--help` lists them in; a module of prepare/ not named here comes after, by name.
-ORDER = ("unpack", "unpack_rec", "unpack_bin", "pack", "make_bin", "inspect", "align", "synth")
-
-
-def _commands():
-    """Import every module of prepare/ (each registers its subcommand) and return them in ORDER."""
-    import prepare
-
-    found = sorted(m.name for m in pkgutil.iter_modules(prepare.__path__) if not m.name.startswith("_"))
-    for name in sorted(found, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
-        importlib.import_module(f"prepare.{name}")
-    return prepare.COMMANDS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in _commands().items():
+    for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help.splitlines()[0], description=command.help,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_args(p)
@@ -46,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     keep_freed_memory()
     try:
-        return _commands()[args.command].run(args)
+        return COMMANDS[args.command].run(args)
     except user_errors() as exc:  # OSError included: a full or read-only output folder is one line too
         out = getattr(args, "out", "")
         fail(f"prepare_data.py {args.command}", exc, where=f"writing under {out}" if out else "")

@@ -24,18 +24,19 @@ from tqdm import tqdm
 import backbones
 import heads
 import losses
+from backbones.weights import save_backbone
 from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config, to_dict
 from data.dataset import build_dataset
+from engine import distributed as dist_utils
+from engine.checkpoint import load_training_checkpoint, numbered_checkpoints, resumable_checkpoint
+from engine.distributed import DistInfo
+from engine.trainer import Trainer
+from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from heads.base import deferred_centres
 from heads.partial_fc import PartialFC
-from utils import checkpoint as ckpt
-from utils import distributed as dist_utils
-from utils.distributed import DistInfo
 from utils.errors import fail, user_errors
-from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
 from utils.precision import amp_dtype
 from utils.runtime import keep_freed_memory
-from utils.trainer import Trainer
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -155,7 +156,7 @@ def resume_source(cfg: Config) -> str:
     that loads (checkpoint.pt, else the newest checkpoint-<step>.pt; a skipped file is named on stderr)."""
     if cfg.resume != "auto":
         return cfg.resume
-    return ckpt.resumable_checkpoint(cfg.output) or ""
+    return resumable_checkpoint(cfg.output) or ""
 
 
 def check_values(cfg: Config) -> None:
@@ -241,7 +242,7 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     state = None
     source = resume_source(cfg)
     if source:
-        state = ckpt.load_training_checkpoint(source)
+        state = load_training_checkpoint(source)
         # the resumed run's config, with what was typed now on top (e.g. more --epochs)
         cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
                               {**given, "resume": source})
@@ -252,7 +253,7 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if info.is_main:  # rank 0 alone: the others would race its own writes (torchrun stops them if it fails)
         check_output(cfg, source)
         if cfg.overwrite and not source:  # the old run's numbered checkpoints would outrank (and prune) the new
-            for _, old in ckpt.numbered_checkpoints(cfg.output):
+            for _, old in numbered_checkpoints(cfg.output):
                 os.remove(old)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -286,17 +287,17 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if info.is_main:
         save_config(cfg, os.path.join(cfg.output, "config.json"))
 
-    def save_backbone(m: nn.Module, path: str) -> None:
-        ckpt.save_backbone(path, m.state_dict(), cfg.backbone, cfg.embedding_size, cfg.input_order, to_dict(cfg))
+    def write_backbone(m: nn.Module, path: str) -> None:
+        save_backbone(path, m.state_dict(), cfg.backbone, cfg.embedding_size, cfg.input_order, to_dict(cfg))
 
     evaluator = make_evaluator(cfg, device, log) if info.is_main else None
     trainer = Trainer(cfg, model, head, criterion, dataset, device, cfg.output, evaluator=evaluator,
-                      save_backbone=save_backbone, log=log, dist_info=info, data_parallel=data_parallel)
+                      save_backbone=write_backbone, log=log, dist_info=info, data_parallel=data_parallel)
     if state is not None:
         trainer.load_state_dict(state)
         log(f"resumed from {cfg.resume} at step {trainer.step} (saved by {state.get('world_size', 1)} process(es))")
     elif cfg.save_init and info.is_main:
-        save_backbone(trainer.model, os.path.join(cfg.output, "backbone_init.pt"))
+        write_backbone(trainer.model, os.path.join(cfg.output, "backbone_init.pt"))
     if data_parallel:
         log(f"note: DataParallel over {torch.cuda.device_count()} GPUs in one process; "
             f"torchrun --nproc_per_node={torch.cuda.device_count()} train.py ... is faster")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any, List
 
 from .base import BACKBONES, SPECS, BackboneSpec, FaceBackbone, check_channel_order, check_head_args, register_backbone
-from .checkpoint import load_state_dict_file, load_weights
+from .weights import load_state_dict_file, load_weights
 
 register = BACKBONES.register
 

@@ -3,7 +3,7 @@
     python benchmarks/bench_data.py [--images 3000] [--workers 0,1,2] [--batch-size 128] [--rounds 3]
                                     [--out benchmarks/results/bench_data.json] [--data PACK_DIR] [--tmp DIR]
 
-1. Unpacking a .rec to JPEG files: ``data.unpack.unpack_rec`` against the seeds' way
+1. Unpacking a .rec to JPEG files: ``prepare.unpack.unpack_rec`` against the seeds' way
    (InsightFace_Pytorch's prepare_data: per record unpack the IRHeader, decode the image,
    re-encode it as a JPEG at quality 95), written here with cv2. Best of --rounds, alternating.
 2. The training loader over one epoch, batch --batch-size, for each DataLoader worker count:
@@ -16,7 +16,7 @@
 3. CPU cores needed to feed 5000 img/s, from each loader's single-process (0 workers) figure.
 
 A synthetic pack of about --images training images is generated in a temporary folder
-(data.synth, not timed) unless --data names an existing pack. Prints a table and writes JSON.
+(prepare.synth, not timed) unless --data names an existing pack. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ FEED_TARGET = 5000  # img/s a fast GPU eats (arcface_torch iresnet50, 8x V100: ~
 
 def make_pack(out_dir: str, images: int) -> str:
     """A synthetic insightface pack with about `images` training images (20 per identity)."""
-    from data.synth import generate_dataset
+    from prepare.synth import generate_dataset
 
     generate_dataset(out_dir, identities=max(1, images // 20), images_per_id=20, pairs=0.0, seed=0,
                      progress=False, workers=2)
@@ -74,7 +74,7 @@ def seeds_unpack(rec_path: str, out_dir: str) -> Dict[str, float]:
 
 
 def ours_unpack(rec_path: str, out_dir: str) -> Dict[str, float]:
-    from data.unpack import unpack_rec
+    from prepare.unpack import unpack_rec
 
     res = unpack_rec(rec_path, out_dir, workers=1, progress=False)
     return {"images": int(res["images"]), "seconds": float(res["seconds"])}
@@ -82,9 +82,9 @@ def ours_unpack(rec_path: str, out_dir: str) -> Dict[str, float]:
 
 def bench_unpack(rec_path: str, work: str, rounds: int) -> Dict[str, object]:
     try:
-        import data.unpack  # noqa: F401
+        import prepare.unpack  # noqa: F401
     except ImportError:
-        return {"skipped": "data/unpack.py not found"}
+        return {"skipped": "prepare/unpack.py not found"}
     best: Dict[str, Dict[str, float]] = {}
     for r in range(rounds):
         for name, fn in (("seeds", seeds_unpack), ("ours", ours_unpack)):
@@ -129,7 +129,7 @@ def steady_rate(batches, step: Callable[[object], int]) -> float:
 def ours_loader(pack: str, workers: int, batch_size: int, transform: bool = True) -> float:
     """The training path: uint8 batches from the .rec, then (`transform`) the trainer's flip + normalise."""
     from data.dataset import ResumableBatchSampler, build_dataset, collate, worker_init
-    from utils.preprocess import normalize, random_flip
+    from data.transforms import normalize, random_flip
 
     ds = build_dataset(pack)
     loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), batch_size, seed=0), num_workers=workers,

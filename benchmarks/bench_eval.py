@@ -5,10 +5,10 @@
 Sections (each a function taking the parsed args and returning a dict; main() collects them):
 - verification: our vectorised threshold search against the published loop over thresholds,
   written here, on the same embeddings (fold accuracies checked identical first);
-- embedding: img/s of utils.embed.embed (what evaluation runs: uint8 in, normalise, model on
+- embedding: img/s of evaluation.embed.embed (what evaluation runs: uint8 in, normalise, model on
   the image and its flip, channels_last) for mobilefacenet and ir_se50 on this machine's CPU;
 - decode_cache: decoding a .bin of JPEGs against reading the decoded pixels back from the
-  on-disk cache (data/bincache.py).
+  on-disk cache (evaluation/cache.py).
 Prints a readable summary on stderr and one JSON line of results on stdout.
 """
 
@@ -23,8 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from utils.runtime import keep_freed_memory  # noqa: E402
-from utils.verification import (  # noqa: E402
+from evaluation.protocol import (  # noqa: E402
     ACCURACY_THRESHOLDS,
     VAL_FAR_TARGET,
     VAL_THRESHOLDS,
@@ -34,6 +33,7 @@ from utils.verification import (  # noqa: E402
     pair_distances,
     threshold_at_far,
 )
+from utils.runtime import keep_freed_memory  # noqa: E402
 
 
 def make_pairs(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +130,7 @@ def bench_embedding(args) -> dict:
     import torch
 
     import backbones
-    from utils.embed import embed
+    from evaluation.embed import embed
 
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (args.embed_images, 112, 112, 3), dtype=np.uint8)
@@ -154,8 +154,8 @@ def bench_decode_cache(args) -> dict:
     """Decode a .bin of 112x112 JPEGs vs. load the decoded copy from the cache (all pixels touched)."""
     import cv2
 
-    from data.bincache import load_decoded
     from data.bins import decode_bin, write_bin
+    from evaluation.cache import load_decoded
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:112, 0:112]

@@ -6,7 +6,7 @@
 For each backbone, in one run, side by side:
 - plain: a straightforward loop written here (float input normalised beforehand, backbone,
   normalised-linear ArcFace, cross-entropy, SGD), fp32, contiguous NCHW: what a seed does;
-- ours in each mode, through utils.trainer.Trainer.train_step (uint8 batch in, flip and
+- ours in each mode, through engine.trainer.Trainer.train_step (uint8 batch in, flip and
   normalise on the device, head in fp32, gradient clipping): eager (NCHW fp32), channels_last,
   amp (channels_last + autocast as --amp-dtype auto picks it: bf16 on CPUs and A100/H100, else fp16 +
   GradScaler), compile (channels_last
@@ -38,7 +38,7 @@ import heads  # noqa: E402
 import losses  # noqa: E402
 from backbones.profile import profile  # noqa: E402
 from config import Config, apply_overrides  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
 
 MODES = {  # name -> Config overrides
     "eager": dict(channels_last=False, amp=False, compile=False),

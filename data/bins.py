@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data.imageformat import oversize
 from utils.atomic import write_bytes
+from utils.errors import UserError
 from utils.files import MB, check_regular, read_regular, size_from_env
 
 GB = 1 << 30
@@ -40,7 +41,7 @@ NFOLDS = 10  # the verification protocol's folds: a set needs at least this many
 _ALLOWED_WHAT = "only image bytes, numpy arrays and bool/integer flags are allowed"
 
 
-class BinFormatError(ValueError):
+class BinFormatError(UserError, ValueError):
     """A .bin that is not a verification pickle; the message names the file and, where known, the item."""
 
 
@@ -372,3 +373,18 @@ def write_bin(
     else:
         raise ValueError(f"write_bin kind must be 'bytes', 'ndarray' or 'py2str', got {kind!r}")
     write_bytes(path, data, fsync=True)
+
+
+def label_warning(issame) -> str | None:
+    """"all N pairs are 'same'" ('different') when a set has only one label, else None.
+
+    Such a set scores ~100% for any model (the protocol picks a threshold that accepts or
+    rejects nearly everything), so its number must never be reported without this warning.
+    """
+    same = np.asarray(issame, dtype=bool)
+    n = same.size
+    if n and same.all():
+        return f"all {n} pairs are 'same'"
+    if n and not same.any():
+        return f"all {n} pairs are 'different'"
+    return None

@@ -42,7 +42,7 @@ class FaceDataset(Dataset):
                  decode: bool = True) -> None:
         self.sources = list(sources)
         self.image_size = image_size
-        self.decode = decode  # False: items are the encoded bytes (decoded on the device, utils/device_decode.py)
+        self.decode = decode  # False: items are the encoded bytes (decoded on the device, data/device_decode.py)
         sizes = np.array([len(s) for s in self.sources], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         offsets = np.concatenate([[0], np.cumsum([s.num_classes for s in self.sources])])
@@ -99,7 +99,7 @@ def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Ten
     """Stack the good samples; return the bad ones separately.
 
     With a dataset built with ``decode=False`` the images come back as a list of
-    (dataset index, encoded uint8 bytes) for utils.device_decode.decode_batch.
+    (dataset index, encoded uint8 bytes) for data.device_decode.decode_batch.
 
     `bad` holds the index of each undecodable image and, for an unreadable
     record (label -2), its error message: the trainer raises that one in the

@@ -9,7 +9,7 @@ Two line forms are read (shared/reference/FORMATS.md):
 
 Paths are relative to the list's folder (im2rec's convention), or to ``root`` when given;
 absolute paths are kept. Blank lines are skipped. Shared by the "lst" training source
-(data/sources.py) and ``prepare_data.py pack`` (data/pack.py).
+(data/sources.py) and ``prepare_data.py pack`` (prepare/pack.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from typing import Callable, List, Protocol, Tuple
 
 import numpy as np
 
+from utils.errors import UserError
 from utils.files import max_image_bytes, read_regular
 from utils.registry import Registry
 
@@ -22,7 +23,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 CLASS_LIMIT = 1 << 24
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """A training data path that is missing or malformed (one line, names the path)."""
 
 

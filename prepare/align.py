@@ -1,57 +1,252 @@
-"""``prepare_data.py align``: 5-point similarity alignment of a folder of images to 112x112 (or 112x96)."""
+"""5-point face alignment: a least-squares similarity onto the ArcFace template, then a warp.
+
+Why: every insightface pack and every published result uses faces warped so that the
+eyes, nose tip and mouth corners land on a fixed template (shared/reference/FORMATS.md).
+Coordinates are pixels, x right and y down, pixel centres at integers (OpenCV's
+convention, the one the template was measured in). Points are ordered left eye, right
+eye, nose, left mouth corner, right mouth corner (as seen in the image).
+
+The 112x96 template is the 112x112 one moved 8 px left: insightface's
+``src/common/face_preprocess.py`` stores the 96-wide template and adds 8 to x for 112.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
+import re
+import time
+from typing import Dict, Iterator, List, NamedTuple, Tuple
 
-from prepare import register_command
+import cv2
+import numpy as np
 
-_SHOWN = 20  # problems printed on stderr; all of them go to OUT/align_problems.txt
+from data.sources import IMAGE_EXTENSIONS, DataSourceError
+from utils.atomic import write_bytes
+from utils.files import UnreadableFileError, max_image_bytes, read_regular
 
+ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    from data.align import TEMPLATES
+# (height, width) -> template points (5, 2) in output pixels
+TEMPLATES: Dict[Tuple[int, int], np.ndarray] = {
+    (112, 112): ARCFACE_112,
+    (112, 96): ARCFACE_112 - np.array([8.0, 0.0]),
+}
 
-    p.add_argument("src", metavar="SRC", help="folder of images (class sub-folders are kept)")
-    p.add_argument("out", metavar="OUT", help="output folder: SRC's relative paths, same file formats")
-    p.add_argument("--landmarks", required=True, metavar="FILE",
-                   help="one line per image: path relative to SRC and x1 y1 ... x5 y5 (left eye, right eye, "
-                        "nose, left mouth, right mouth; pixels), whitespace or commas between fields")
-    p.add_argument("--size", default="112x112", choices=[f"{h}x{w}" for h, w in TEMPLATES],
-                   help="output HEIGHTxWIDTH (112x96: the ArcFace template moved 8 px left, as insightface)")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="quality of written JPEGs (PNGs stay lossless)")
-    p.add_argument("--workers", type=int, default=1, help="aligning processes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _report(problems: list[str], out: str) -> None:
-    """Print the first problems on stderr; when there are more, write them all to OUT/align_problems.txt."""
-    from utils.atomic import write_text
-
-    for line in problems[:_SHOWN]:
-        print(f"skipped: {line}", file=sys.stderr)
-    if len(problems) <= _SHOWN:
-        return
-    path = os.path.join(out, "align_problems.txt")
-    write_text(path, "".join(f"{p}\n" for p in problems))
-    print(f"... {len(problems) - _SHOWN} more; all {len(problems)} listed in {path}", file=sys.stderr)
+_LINE = re.compile(r"^(?P<path>.+?)[\s,]+(?P<nums>(?:[^\s,]+[\s,]+){9}[^\s,]+)[\s,]*$")
+_SPLIT = re.compile(r"[\s,]+")
+MAX_COORD = 1e6  # pixels: a landmark farther out than this is in no photo (and would overflow the warp)
 
 
-def run(args: argparse.Namespace) -> int:
-    from data.align import align_folder
-
-    h, w = (int(v) for v in args.size.split("x"))
-    res = align_folder(args.src, args.out, args.landmarks, size=(h, w), jpeg_quality=args.jpeg_quality,
-                       workers=args.workers, progress=not args.no_progress)
-    _report(res["problems"], args.out)
-    rate = res["aligned"] / max(res["seconds"], 1e-9)
-    print(f"align: {res['aligned']} images aligned to {h}x{w} in {args.out}, {res['skipped']} skipped "
-          f"({res['seconds']:.1f} s, {rate:.0f} img/s)")
-    return 1 if res["skipped"] else 0
+class AlignError(DataSourceError):
+    """Input that stops the whole alignment run (no landmarks file, bad SRC/OUT, unknown size)."""
 
 
-register_command("align", "Align face images to the ArcFace 5-point template (similarity transform + warp).",
-                 "python prepare_data.py align raw_faces/ datasets/aligned --landmarks raw_faces/landmarks.txt",
-                 add_args, run)
+def template(size: Tuple[int, int] = (112, 112)) -> np.ndarray:
+    """The (5, 2) float64 template points, in pixels, for an output of `size` (height, width)."""
+    size = (int(size[0]), int(size[1]))
+    if size not in TEMPLATES:
+        known = ", ".join(f"{h}x{w}" for h, w in TEMPLATES)
+        raise AlignError(f"no alignment template for size {size[0]}x{size[1]} (known: {known})")
+    return TEMPLATES[size].copy()
+
+
+def similarity_transform(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
+    """The (2, 3) float64 matrix M = [sR | t] minimising sum |dst - (sR src + t)|^2.
+
+    Umeyama's closed form (SVD of the cross-covariance): rotation, uniform scale and
+    translation only; a reflection is excluded even when it would fit better.
+    """
+    src = np.asarray(src_pts, dtype=np.float64).reshape(-1, 2)
+    dst = np.asarray(dst_pts, dtype=np.float64).reshape(-1, 2)
+    if src.shape != dst.shape or len(src) < 2:
+        raise ValueError(f"similarity_transform needs two (N>=2, 2) point sets, got {src.shape} and {dst.shape}")
+    if not (np.isfinite(src).all() and np.isfinite(dst).all()):
+        raise ValueError("similarity_transform: points must be finite numbers")
+    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
+    xs, xd = src - mu_s, dst - mu_d
+    var_s = float((xs ** 2).sum()) / len(src)
+    if var_s <= 1e-12 * max(1.0, float(np.abs(src).max()) ** 2):
+        raise ValueError("similarity_transform: source points all coincide (no scale or rotation defined)")
+    cov = xd.T @ xs / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    d = np.array([1.0, 1.0 if np.linalg.det(u) * np.linalg.det(vt) >= 0 else -1.0])
+    rot = u @ np.diag(d) @ vt
+    scale = float(sig @ d) / var_s
+    m = np.empty((2, 3), dtype=np.float64)
+    m[:, :2] = scale * rot
+    m[:, 2] = mu_d - scale * rot @ mu_s
+    return m
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: Tuple[int, int] = (112, 112)) -> np.ndarray:
+    """Warp `image` (H, W[, C], any channel order) so that `landmarks` (5, 2) land on the template.
+
+    Returns an image of `size` (height, width), same dtype and channels; bilinear, black border.
+    """
+    m = similarity_transform(landmarks, template(size))
+    return cv2.warpAffine(image, m, (int(size[1]), int(size[0])), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+class Entry(NamedTuple):
+    line: int  # 1-based line number in the landmarks file
+    path: str  # relative to SRC, normalised
+    points: np.ndarray  # (5, 2) float64
+
+
+class BadLine(NamedTuple):
+    line: int
+    path: str  # the path the line seems to name ('' if none), so its image is not also reported as unlisted
+    what: str
+
+
+def parse_landmarks(path: str) -> Tuple[List[Entry], List[BadLine]]:
+    """The usable lines of a landmarks file, and the unusable ones with what is wrong.
+
+    A line is `relative/path.jpg x1 y1 ... x5 y5`, whitespace or commas between fields
+    (the path may hold spaces). Blank lines and lines starting with '#' are ignored.
+    """
+    if not os.path.isfile(path):
+        raise AlignError(f"{path}: no such landmarks file (expected lines 'path x1 y1 ... x5 y5')")
+    entries: List[Entry] = []
+    bad: List[BadLine] = []
+    first_line: Dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for n, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            match = _LINE.match(line)
+            if match is None:
+                fields = [f for f in _SPLIT.split(line) if f]
+                bad.append(BadLine(n, os.path.normpath(fields[0]),
+                                   f"{len(fields)} fields, expected a path and 10 numbers x1 y1 ... x5 y5"))
+                continue
+            rel = os.path.normpath(match["path"].strip())
+            try:
+                pts = np.array([float(v) for v in _SPLIT.split(match["nums"])], dtype=np.float64).reshape(5, 2)
+            except ValueError:
+                bad.append(BadLine(n, rel, f"{match['nums'][:60]!r} are not 10 numbers x1 y1 ... x5 y5"))
+                continue
+            if os.path.isabs(rel) or rel == ".." or rel.startswith(".." + os.sep):
+                bad.append(BadLine(n, "", f"path {match['path']!r} must be relative to SRC and inside it"))
+            elif not np.isfinite(pts).all():
+                bad.append(BadLine(n, rel, f"landmarks {pts.ravel().tolist()} are not all finite"))
+            elif np.abs(pts).max() > MAX_COORD:
+                bad.append(BadLine(n, rel, f"landmark coordinate {np.abs(pts).max():g} is beyond {MAX_COORD:g} "
+                                           "pixels (expected pixel coordinates inside the image)"))
+            elif float(((pts - pts.mean(axis=0)) ** 2).sum()) < 1e-6:
+                bad.append(BadLine(n, rel, "the 5 landmarks coincide (no face geometry)"))
+            elif rel in first_line:
+                bad.append(BadLine(n, rel, f"{rel} already listed at line {first_line[rel]} (one face per image)"))
+            else:
+                first_line[rel] = n
+                entries.append(Entry(n, rel, pts))
+    return entries, bad
+
+
+def list_images(src: str, exclude: str | None = None) -> Iterator[str]:
+    """Relative paths of the image files under `src` (sorted walk), skipping the `exclude` folder."""
+    exclude = os.path.abspath(exclude) if exclude else None
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) != exclude)
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                yield os.path.relpath(os.path.join(root, name), src)
+
+
+def _encode_params(ext: str, jpeg_quality: int) -> List[int]:
+    return [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
+
+
+def _align_one(job: Tuple[str, str, str, Entry, Tuple[int, int], int]) -> str | None:
+    """Read, align, encode and atomically write one image; a `file:line: what` problem or None."""
+    src, out, lm_path, entry, size, jpeg_quality = job
+    where = f"{lm_path}:{entry.line}: {os.path.join(src, entry.path)}"
+    path = os.path.join(src, entry.path)
+    try:
+        data = read_regular(path, "image", max_image_bytes())
+    except FileNotFoundError:
+        return f"{where}: no such file"
+    except UnreadableFileError as exc:
+        return f"{where}: {str(exc).removeprefix(path + ': ')}"
+    except OSError as exc:
+        return f"{where}: unreadable ({exc.strerror or exc})"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if img is None:
+        return f"{where}: not a decodable image"
+    ext = os.path.splitext(entry.path)[1].lower()
+    try:
+        aligned = align_face(img, entry.points, size)
+    except (ValueError, OverflowError, cv2.error) as exc:  # degenerate or extreme landmarks
+        return f"{where}: cannot align ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    ok, buf = cv2.imencode(ext, aligned, _encode_params(ext, jpeg_quality))
+    if not ok:
+        return f"{where}: OpenCV cannot write {ext} files"
+    target = os.path.join(out, entry.path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    write_bytes(target, buf.tobytes())
+    return None
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)  # the pool's processes already run in parallel
+
+
+def align_folder(src: str, out: str, landmarks: str, size: Tuple[int, int] = (112, 112), jpeg_quality: int = 95,
+                 workers: int = 1, progress: bool = True) -> dict:
+    """Align every image listed in `landmarks` from `src` into `out`, keeping relative paths and formats.
+
+    Bad landmark lines, missing or undecodable files, and images under `src` with no
+    landmark line are skipped and returned as one-line problems; nothing is half-written.
+    Returns {'aligned', 'skipped', 'problems', 'listed', 'seconds', 'size'}.
+    """
+    from tqdm import tqdm
+
+    if not os.path.isdir(src):
+        raise AlignError(f"{src}: no such directory (SRC must be a folder of images)")
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_src == real_out:
+        raise AlignError(f"{out}: OUT is SRC (same folder: {real_src}); the originals would be overwritten "
+                         "(choose another OUT)")
+    if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: OUT is inside SRC ({real_src}); choose an OUT outside it")
+    if real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: SRC {src} is inside OUT ({real_out}); aligned files could overwrite the "
+                         "originals: choose an OUT outside it")
+    if not 0 <= jpeg_quality <= 100:
+        raise AlignError(f"JPEG quality {jpeg_quality} is outside 0..100")
+    size = (int(size[0]), int(size[1]))
+    template(size)  # unknown size: fail before any work
+    t0 = time.perf_counter()
+    entries, bad = parse_landmarks(landmarks)
+    problems = [f"{landmarks}:{b.line}: {b.what}" for b in bad]
+    listed = {e.path for e in entries} | {b.path for b in bad}
+    problems += [f"{os.path.join(src, rel)}: no landmarks line in {landmarks}"
+                 for rel in list_images(src, exclude=out) if rel not in listed]
+    jobs = ((src, out, landmarks, e, size, jpeg_quality) for e in entries)
+    bar = tqdm(total=len(entries), desc="align", unit="img", disable=not progress, dynamic_ncols=True)
+    pool = None
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init)
+            results = pool.imap(_align_one, jobs, chunksize=16)
+        else:
+            results = map(_align_one, jobs)
+        aligned = 0
+        for problem in results:
+            if problem is None:
+                aligned += 1
+            else:
+                problems.append(problem)
+            bar.update(1)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+    return {"aligned": aligned, "skipped": len(problems), "problems": problems, "listed": len(entries),
+            "size": size, "seconds": time.perf_counter() - t0}

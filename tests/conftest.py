@@ -60,7 +60,7 @@ def _seed_everything():
 @pytest.fixture(scope="session")
 def tiny_pack(tmp_path_factory):
     """A small synthetic insightface pack: 6 identities x 6 images + seven 20-pair .bin files."""
-    from data.synth import generate_dataset
+    from prepare.synth import generate_dataset
 
     out = tmp_path_factory.mktemp("tiny_pack")
     generate_dataset(str(out), identities=6, images_per_id=6, pairs=0.001, seed=1, progress=False)

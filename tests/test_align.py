@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from data.align import align_face, parse_landmarks, similarity_transform, template
+from prepare.align import align_face, parse_landmarks, similarity_transform, template
 from tests.cli_helpers import one_line_error
 
 # The ArcFace template as published (FORMATS.md), and insightface's 96-wide one (face_preprocess.py)

@@ -5,9 +5,9 @@ import shutil
 
 import numpy as np
 
-from data.bincache import default_cache_dir, load_decoded
 from data.bins import decode_bin
-from utils.checkpoint import sha256_file
+from evaluation.cache import default_cache_dir, load_decoded
+from utils.torchfile import sha256_file
 
 
 def test_cache_hit_equals_fresh_decode_and_is_keyed_by_content(tiny_pack, tmp_path):

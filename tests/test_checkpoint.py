@@ -6,8 +6,16 @@ import pickle
 import pytest
 import torch
 
-from utils import checkpoint as ckpt
-from utils.checkpoint import CheckpointError, load_file, save_file
+from backbones.weights import load_backbone_checkpoint
+from engine.checkpoint import (
+    load_training_checkpoint,
+    numbered_checkpoints,
+    resumable_checkpoint,
+    rng_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+from utils.torchfile import CheckpointError, check_finite, load_file, save_file
 
 
 class _Boom:
@@ -63,18 +71,18 @@ def test_keep_k_numbered_checkpoints(tmp_path):
     """keep=3: the three newest saves stay as checkpoint-<step>.pt; checkpoint.pt is the newest's content."""
     path = str(tmp_path / "checkpoint.pt")
     for step in (10, 20, 30, 40):
-        ckpt.save_training_checkpoint(path, keep=3, step=step, model={"w": torch.full((2,), float(step))})
-    assert [s for s, _ in ckpt.numbered_checkpoints(str(tmp_path))] == [20, 30, 40]
-    assert ckpt.load_training_checkpoint(path)["step"] == 40
-    assert ckpt.load_training_checkpoint(str(tmp_path / "checkpoint-00000020.pt"))["model"]["w"][0] == 20.0
+        save_training_checkpoint(path, keep=3, step=step, model={"w": torch.full((2,), float(step))})
+    assert [s for s, _ in numbered_checkpoints(str(tmp_path))] == [20, 30, 40]
+    assert load_training_checkpoint(path)["step"] == 40
+    assert load_training_checkpoint(str(tmp_path / "checkpoint-00000020.pt"))["model"]["w"][0] == 20.0
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000020.pt", "checkpoint-00000030.pt",
                                             "checkpoint-00000040.pt", "checkpoint.pt"]
 
 
 def test_check_finite_names_the_tensor():
-    ckpt.check_finite({"a": torch.ones(3), "n": torch.tensor([1, 2])}, "x.pt")
-    with pytest.raises(ckpt.CheckpointError, match="x.pt.*'b'.*1 NaN/inf"):
-        ckpt.check_finite({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, "x.pt")
+    check_finite({"a": torch.ones(3), "n": torch.tensor([1, 2])}, "x.pt")
+    with pytest.raises(CheckpointError, match="x.pt.*'b'.*1 NaN/inf"):
+        check_finite({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, "x.pt")
 
 
 # ---------------------------------------------------------------- integrity: the zip CRC-32s torch stores
@@ -115,7 +123,7 @@ def test_foreign_and_legacy_files_still_load(tmp_path):
     sd = {"conv.weight": torch.ones(2, 3)}
     torch.save({"state_dict": sd}, tmp_path / "foreign.pth")
     torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    from backbones.checkpoint import load_state_dict_file
+    from backbones.weights import load_state_dict_file
     for name in ("foreign.pth", "legacy.pth"):
         assert torch.equal(load_state_dict_file(tmp_path / name)["conv.weight"], sd["conv.weight"])
 
@@ -123,7 +131,7 @@ def test_foreign_and_legacy_files_still_load(tmp_path):
 # ------------------------------------------------------- torch's refusal text never reaches the user
 @pytest.mark.parametrize("legacy", [False, True])
 def test_refusal_is_one_short_line_naming_the_global(tmp_path, legacy):
-    from backbones.checkpoint import load_state_dict_file
+    from backbones.weights import load_state_dict_file
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": _Boom()}}, path, pickle_module=pickle, _use_new_zipfile_serialization=not legacy)
     for load in (load_file, load_state_dict_file):
@@ -136,7 +144,7 @@ def test_refusal_is_one_short_line_naming_the_global(tmp_path, legacy):
 
 # --------------------------------------------------------------- malformed but safe files: one line each
 def _rng():
-    return ckpt.rng_state()
+    return rng_state()
 
 
 def _train(**over):
@@ -190,27 +198,27 @@ def test_malformed_training_checkpoint_is_one_line(tmp_path, over, needle):
     path = tmp_path / "checkpoint.pt"
     torch.save(_train(**over), path)
     with pytest.raises(CheckpointError) as err:
-        ckpt.load_training_checkpoint(str(tmp_path))
+        load_training_checkpoint(str(tmp_path))
     msg = str(err.value)
     assert "checkpoint.pt" in msg and needle in msg and "\n" not in msg, msg
 
 
 def test_a_valid_hand_built_training_checkpoint_loads(tmp_path):
     torch.save(_train(), tmp_path / "checkpoint.pt")
-    state = ckpt.load_training_checkpoint(str(tmp_path))
+    state = load_training_checkpoint(str(tmp_path))
     assert state["step"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
 
 
 def test_set_rng_state_restores_and_refuses_a_bad_state():
     import random
-    state = ckpt.rng_state()
+    state = rng_state()
     first = (torch.rand(2), random.random())
-    ckpt.set_rng_state(state)
+    set_rng_state(state)
     assert torch.equal(torch.rand(2), first[0]) and random.random() == first[1]
     py = list(state["python"])
     py[1] = tuple(py[1][:-1]) + (10**6,)  # the index past the 624-word state
     with pytest.raises(CheckpointError, match="rng.python"):
-        ckpt.set_rng_state(dict(state, python=tuple(py)), "x.pt")
+        set_rng_state(dict(state, python=tuple(py)), "x.pt")
 
 
 def _backbone(**over):
@@ -240,24 +248,24 @@ def test_malformed_backbone_file_is_one_line(tmp_path, over, needle):
     path = tmp_path / "backbone.pt"
     torch.save(_backbone(**over), path)
     with pytest.raises(CheckpointError) as err:
-        ckpt.load_backbone_checkpoint(str(path))
+        load_backbone_checkpoint(str(path))
     msg = str(err.value)
     assert "backbone.pt" in msg and needle in msg and "\n" not in msg, msg
 
 
 def test_backbone_file_and_training_checkpoint_describe_the_model(tmp_path):
     torch.save(_backbone(channel_order="bgr", embedding_size=128), tmp_path / "backbone.pt")
-    got = ckpt.load_backbone_checkpoint(str(tmp_path / "backbone.pt"))
+    got = load_backbone_checkpoint(str(tmp_path / "backbone.pt"))
     assert (got["backbone"], got["embedding_size"], got["channel_order"]) == ("mbf", 128, "bgr")
     torch.save(_train(config={"backbone": "r50", "input_order": "bgr"}), tmp_path / "checkpoint.pt")
-    got = ckpt.load_backbone_checkpoint(str(tmp_path / "checkpoint.pt"))
+    got = load_backbone_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert (got["backbone"], got["embedding_size"], got["channel_order"]) == ("r50", 512, "bgr")
     torch.save(_train(config={"backbone": "r50", "embedding_size": 0}), tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="config.embedding_size' is 0"):
-        ckpt.load_backbone_checkpoint(str(tmp_path / "bad.pt"))
+        load_backbone_checkpoint(str(tmp_path / "bad.pt"))
     torch.save({"w": torch.ones(1)}, tmp_path / "foreign.pth")
     with pytest.raises(CheckpointError, match="not a backbone file of this project"):
-        ckpt.load_backbone_checkpoint(str(tmp_path / "foreign.pth"))
+        load_backbone_checkpoint(str(tmp_path / "foreign.pth"))
 
 
 def test_evaluate_refuses_nan_weights(tmp_path):
@@ -277,22 +285,22 @@ def test_evaluate_refuses_nan_weights(tmp_path):
 # ------------------------------------------------------------------- --resume auto: never a torn file
 def _save_steps(tmp_path, steps):
     for step in steps:
-        ckpt.save_training_checkpoint(str(tmp_path / "checkpoint.pt"), keep=3, step=step,
+        save_training_checkpoint(str(tmp_path / "checkpoint.pt"), keep=3, step=step,
                                       model={"w": torch.full((64,), float(step))})
 
 
 def test_resumable_checkpoint_prefers_checkpoint_pt(tmp_path):
-    assert ckpt.resumable_checkpoint(str(tmp_path)) is None  # nothing yet: a fresh start
+    assert resumable_checkpoint(str(tmp_path)) is None  # nothing yet: a fresh start
     _save_steps(tmp_path, (10, 20))
     (tmp_path / ".checkpoint.pt.999999.tmp").write_bytes(b"PK\x03\x04torn")  # a killed writer's leftover
-    assert ckpt.resumable_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint.pt")
+    assert resumable_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint.pt")
 
 
 def test_resumable_checkpoint_skips_a_damaged_newest_with_a_note(tmp_path):
     _save_steps(tmp_path, (10, 20))
     _flip_in_tensor(tmp_path / "checkpoint-00000020.pt", torch.full((64,), 20.0))  # also checkpoint.pt: a hard link
     notes = []
-    got = ckpt.resumable_checkpoint(str(tmp_path), note=notes.append)
+    got = resumable_checkpoint(str(tmp_path), note=notes.append)
     assert got == str(tmp_path / "checkpoint-00000010.pt")
     assert len(notes) == 1 and "checkpoint.pt" in notes[0] and "damaged" in notes[0]
 
@@ -300,4 +308,4 @@ def test_resumable_checkpoint_skips_a_damaged_newest_with_a_note(tmp_path):
 def test_resumable_checkpoint_refuses_when_nothing_loads(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
     with pytest.raises(CheckpointError, match="no checkpoint here loads"):
-        ckpt.resumable_checkpoint(str(tmp_path), note=lambda line: None)
+        resumable_checkpoint(str(tmp_path), note=lambda line: None)

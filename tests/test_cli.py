@@ -88,7 +88,7 @@ def test_evaluate_foreign_weights_need_backbone(capsys, tiny_pack, tmp_path):
                     "--backbone")
 
 
-@pytest.mark.parametrize("command", sorted(prepare_data._commands()))
+@pytest.mark.parametrize("command", sorted(prepare_data.COMMANDS))
 def test_prepare_data_help_has_example(capsys, command):
     with pytest.raises(SystemExit):
         prepare_data.main([command, "--help"])
@@ -165,7 +165,7 @@ def test_resume_auto_starts_fresh_then_resumes(tiny_pack, tmp_path):
 
 
 def ckpt_step(run):
-    from utils.checkpoint import load_training_checkpoint
+    from engine.checkpoint import load_training_checkpoint
 
     return load_training_checkpoint(run)["step"]
 

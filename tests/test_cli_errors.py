@@ -16,8 +16,8 @@ import torch
 
 import evaluate
 import train
+from engine import distributed as dist_utils
 from tests.cli_helpers import one_line_error, script_error
-from utils import distributed as dist_utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--num-workers", "0", "--no-progress", "--eval-every", "-1", "--max-steps", "1"]
@@ -124,7 +124,7 @@ def test_resume_auto_restarts_a_run_that_never_saved(tiny_pack, tmp_path):
     ({"lr": float("nan")}, ["old (its saved config)", "--lr", "> 0"]),
 ])
 def test_resume_from_a_malformed_saved_config(capsys, tiny_pack, tmp_path, config, needles):
-    from utils.checkpoint import CHECKPOINT_FORMAT, VERSION
+    from utils.torchfile import CHECKPOINT_FORMAT, VERSION
 
     run = tmp_path / "old"
     run.mkdir()
@@ -209,7 +209,7 @@ sys.exit({module}.main({argv!r}))
     ("prepare_data", 20000, ["synth", "--out", "{out}", "--identities", "8", "--images-per-id", "8", "--no-progress"],
      "prepare_data.py synth: error:"),
     # 200 kB: config.json and the log fit, the 4 MB checkpoint does not (see the report: torch.save's own
-    # failure below that is a RuntimeError from its zip writer, for utils/checkpoint.save_file to translate)
+    # failure below that is a RuntimeError from its zip writer, for utils/torchfile.save_file to translate)
     ("train", 200000, ["--data", "{pack}", "--output", "{out}", "--batch-size", "12", *FAST], "train.py: error:"),
 ])
 def test_full_disk_is_one_line(tmp_path, tiny_pack, module, limit, argv, needle):

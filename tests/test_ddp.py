@@ -1,6 +1,6 @@
 """Training on several processes (gloo, CPU) is training on one with the global batch.
 
-Each multi-process check runs the real code path: utils.distributed.init from torchrun's
+Each multi-process check runs the real code path: engine.distributed.init from torchrun's
 environment (set by tests/distributed.py), DDP around the backbone, per-rank data shards,
 rank-0 checkpoints. The backbone has no BatchNorm (NoBNNet), so equal global batches must give
 equal weights up to float summation order.
@@ -18,11 +18,11 @@ import heads
 import losses
 from config import build_config
 from data.dataset import build_dataset
+from engine import distributed as dist_utils
+from engine.checkpoint import load_training_checkpoint
+from engine.trainer import Trainer
 from tests.distributed import run_ranks
 from tests.small_nets import NoBNNet
-from utils import distributed as dist_utils
-from utils.checkpoint import load_training_checkpoint
-from utils.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 2e-5

@@ -4,8 +4,8 @@ import cv2
 import numpy as np
 import torch
 
+from data.device_decode import decode_batch
 from tests.test_trainer import _trainer
-from utils.device_decode import decode_batch
 
 
 def _encoded(ext, img):

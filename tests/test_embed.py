@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.embed import embed
 from tests.small_nets import SmallNet
-from utils.embed import embed
 
 
 @pytest.fixture()

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import train
-from utils.checkpoint import check_finite, load_file, load_training_checkpoint
+from engine.checkpoint import load_training_checkpoint
+from utils.torchfile import check_finite, load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--batch-size", "4", "--num-workers", "0", "--no-progress", "--eval-every", "-1", "--log-every", "1"]

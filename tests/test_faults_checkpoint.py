@@ -14,7 +14,14 @@ import time
 import pytest
 import torch
 
-from utils import checkpoint as ckpt
+import utils.torchfile as torchfile
+from engine.checkpoint import (
+    load_training_checkpoint,
+    numbered_checkpoints,
+    resumable_checkpoint,
+    save_training_checkpoint,
+)
+from utils.torchfile import load_file, save_file
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 
@@ -25,6 +32,7 @@ def _fork(body):
     if pid == 0:  # child: never return into pytest
         code = 1
         try:
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not exist here: a parallel region could hang
             body()
             code = 0
         except BaseException as exc:  # reported through the exit status and stderr
@@ -53,7 +61,7 @@ def _state(step):
 def _assert_every_visible_checkpoint_loads(run):
     for name in os.listdir(run):
         if not name.startswith("."):
-            state = ckpt.load_training_checkpoint(os.path.join(run, name))
+            state = load_training_checkpoint(os.path.join(run, name))
             assert state["model"]["w"][-1] == state["step"]  # written whole: the last value is the step
 
 
@@ -61,7 +69,7 @@ def test_kill_9_mid_write_never_leaves_a_torn_checkpoint(tmp_path):
     """8 children each save 20 MB checkpoints in a loop (keep=3) and are killed after a seeded random delay."""
     run = str(tmp_path)
     path = os.path.join(run, "checkpoint.pt")
-    ckpt.save_training_checkpoint(path, keep=3, **_state(1))
+    save_training_checkpoint(path, keep=3, **_state(1))
     rng = random.Random(1234)
     step = 1
     for kill in range(8):
@@ -69,22 +77,22 @@ def test_kill_9_mid_write_never_leaves_a_torn_checkpoint(tmp_path):
 
         def body(first=first):
             for s in range(first, first + 1000):
-                ckpt.save_training_checkpoint(path, keep=3, **_state(s))
+                save_training_checkpoint(path, keep=3, **_state(s))
 
         pid = _fork(body)
         time.sleep(rng.uniform(0.02, 0.4))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         _assert_every_visible_checkpoint_loads(run)
-        found = ckpt.resumable_checkpoint(run)
+        found = resumable_checkpoint(run)
         assert found is not None
-        step = ckpt.load_training_checkpoint(found)["step"] + 1000 * (kill + 1)  # later children: larger steps
+        step = load_training_checkpoint(found)["step"] + 1000 * (kill + 1)  # later children: larger steps
     # leftovers of killed writers are hidden temp files; the next save removes them (their pids are gone)
     for s in (step + 1, step + 2, step + 3):  # (under load a child may be killed before its first save ends)
-        ckpt.save_training_checkpoint(path, keep=3, **_state(s))
+        save_training_checkpoint(path, keep=3, **_state(s))
     assert not [n for n in os.listdir(run) if n.startswith(".")]
-    assert ckpt.load_training_checkpoint(path)["step"] == step + 3
-    assert [s for s, _ in ckpt.numbered_checkpoints(run)] == [step + 1, step + 2, step + 3]
+    assert load_training_checkpoint(path)["step"] == step + 3
+    assert [s for s, _ in numbered_checkpoints(run)] == [step + 1, step + 2, step + 3]
 
 
 def test_stale_temp_of_a_live_writer_is_kept(tmp_path):
@@ -92,21 +100,21 @@ def test_stale_temp_of_a_live_writer_is_kept(tmp_path):
     dead = tmp_path / ".checkpoint.pt.999999999.tmp"  # beyond pid_max: no such process
     live.write_bytes(b"x")
     dead.write_bytes(b"x")
-    ckpt.save_file({"w": torch.ones(1)}, str(tmp_path / "checkpoint.pt"))
+    save_file({"w": torch.ones(1)}, str(tmp_path / "checkpoint.pt"))
     assert live.exists() and not dead.exists()
 
 
 def test_full_disk_is_one_oserror_naming_path_and_errno(tmp_path):
     """RLIMIT_FSIZE makes write() fail with EFBIG mid-save, as a full disk fails with ENOSPC."""
     path = str(tmp_path / "checkpoint.pt")
-    ckpt.save_file({"w": torch.ones(4)}, path)
+    save_file({"w": torch.ones(4)}, path)
     report = tmp_path / "report.txt"
 
     def body():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
         try:
-            ckpt.save_file({"w": torch.zeros(1 << 20)}, path)  # 4 MB: over the 1 MB limit
+            save_file({"w": torch.zeros(1 << 20)}, path)  # 4 MB: over the 1 MB limit
         except OSError as exc:
             resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
             report.write_text(f"{exc.errno}\n{exc}")
@@ -118,7 +126,7 @@ def test_full_disk_is_one_oserror_naming_path_and_errno(tmp_path):
     assert int(code) == errno.EFBIG
     assert msg.startswith("[Errno 27] File too large: could not write checkpoint") and path in msg
     assert "unexpected pos" not in msg and "\n" not in msg
-    assert ckpt.load_file(path)["w"].sum() == 4  # the previous checkpoint intact
+    assert load_file(path)["w"].sum() == 4  # the previous checkpoint intact
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "report.txt"]  # no temp file left
 
 
@@ -128,7 +136,7 @@ def test_unwritable_place_is_one_oserror():
         pytest.skip("no sysfs")
     path = "/sys/kernel/checkpoint.pt"
     with pytest.raises(OSError) as err:
-        ckpt.save_file({"w": torch.ones(1)}, path)
+        save_file({"w": torch.ones(1)}, path)
     assert err.value.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and path in str(err.value)
     assert not os.path.exists(path)
 
@@ -136,13 +144,13 @@ def test_unwritable_place_is_one_oserror():
 def test_read_only_filesystem_at_rename_keeps_the_previous_file(tmp_path, monkeypatch):
     """EROFS at the rename (a filesystem remounted read-only mid-save), simulated by monkeypatching os.replace."""
     path = str(tmp_path / "checkpoint.pt")
-    ckpt.save_file({"w": torch.ones(4)}, path)
+    save_file({"w": torch.ones(4)}, path)
 
     def refuse(src, dst):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", refuse)
+    monkeypatch.setattr(torchfile.os, "replace", refuse)
     with pytest.raises(OSError, match=r"\[Errno 30\] Read-only file system: could not write checkpoint"):
-        ckpt.save_file({"w": torch.zeros(4)}, path)
+        save_file({"w": torch.zeros(4)}, path)
     monkeypatch.undo()
-    assert ckpt.load_file(path)["w"].sum() == 4 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert load_file(path)["w"].sum() == 4 and os.listdir(tmp_path) == ["checkpoint.pt"]

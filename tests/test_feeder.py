@@ -6,8 +6,8 @@ import torch
 
 from data.dataset import FaceDataset, ResumableBatchSampler, build_dataset
 from data.sources import DataSourceError
-from utils.distributed import DistInfo
-from utils.feeder import BatchFeeder, min_images_to_judge
+from engine.distributed import DistInfo
+from engine.feeder import BatchFeeder, min_images_to_judge
 
 
 def _feeder(pack, batch=6, accum=1, workers=0, dist_info=DistInfo(), log=print):

@@ -17,8 +17,9 @@ import time
 import pytest
 import torch
 
-from backbones.checkpoint import load_state_dict_file
-from utils import checkpoint as ckpt
+from backbones.weights import load_backbone_checkpoint, load_state_dict_file
+from engine.checkpoint import load_training_checkpoint, rng_state
+from utils.torchfile import BACKBONE_FORMAT, CHECKPOINT_FORMAT, CheckpointError
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 CASES = 70  # mutations per base file (about 0.5 s per base)
@@ -36,10 +37,10 @@ class _Run:
 
 def _bases(tmp_path, marker):
     model = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.running_mean": torch.zeros(4), "fc.bias": torch.ones(8)}
-    train = {"format": ckpt.CHECKPOINT_FORMAT, "version": 1, "step": 42, "model": model, "head": {"w": torch.ones(3)},
-             "best": 0.5, "skipped": 0, "history": {"loss": [1.0, 0.5]}, "rng": ckpt.rng_state(),
+    train = {"format": CHECKPOINT_FORMAT, "version": 1, "step": 42, "model": model, "head": {"w": torch.ones(3)},
+             "best": 0.5, "skipped": 0, "history": {"loss": [1.0, 0.5]}, "rng": rng_state(),
              "config": {"backbone": "mbf", "embedding_size": 8}}
-    back = {"format": ckpt.BACKBONE_FORMAT, "version": 1, "backbone": "mbf", "embedding_size": 8,
+    back = {"format": BACKBONE_FORMAT, "version": 1, "backbone": "mbf", "embedding_size": 8,
             "channel_order": "bgr", "config": {}, "state_dict": model}
     files = {}
     for name, obj, kw in (("train.pt", train, {}), ("legacy.pt", train, {"_use_new_zipfile_serialization": False}),
@@ -56,10 +57,10 @@ def _bases(tmp_path, marker):
 
 def _load(name, path):
     if name == "backbone.pt":
-        return ckpt.load_backbone_checkpoint(path)
+        return load_backbone_checkpoint(path)
     if name == "foreign.pth":
         return load_state_dict_file(path)
-    return ckpt.load_training_checkpoint(path)
+    return load_training_checkpoint(path)
 
 
 def _mutate(data, rng):
@@ -99,7 +100,7 @@ def _fuzz(tmp_path, marker, report):
                 counts["loaded"] += 1
                 if name.startswith("evil"):
                     bad.append(f"{name} {kind} #{i}: loaded a pickle that needs code")
-            except ckpt.CheckpointError as exc:
+            except CheckpointError as exc:
                 counts["refused"] += 1
                 if kind == "original" and not name.startswith("evil"):
                     bad.append(f"{name}: the undamaged file is refused: {exc}")
@@ -122,6 +123,7 @@ def test_fuzzed_checkpoints_load_or_raise_our_error(tmp_path):
     if pid == 0:
         code = 1
         try:
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not exist here: a parallel region could hang
             _fuzz(tmp_path, marker, report)
             code = 0
         except BaseException as exc:  # noqa: BLE001

@@ -11,9 +11,9 @@ import heads
 import losses
 from config import build_config
 from data.dataset import build_dataset
+from engine.trainer import Trainer
+from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from tests.small_nets import SmallNet
-from utils.evaluation import evaluate_targets, load_targets, mean_accuracy
-from utils.trainer import Trainer
 
 HEADS = ["arcface", "cosface", "sphereface", "combined", "softmax", "norm_softmax", "curricularface", "adaface",
          "magface", "subcenter_arcface", "elasticface_arc", "elasticface_cos"]
@@ -21,7 +21,7 @@ HEADS = ["arcface", "cosface", "sphereface", "combined", "softmax", "norm_softma
 
 @pytest.fixture(scope="module")
 def small_pack(tmp_path_factory):
-    from data.synth import generate_dataset
+    from prepare.synth import generate_dataset
 
     out = tmp_path_factory.mktemp("small_pack")
     generate_dataset(str(out), identities=24, images_per_id=8, pairs=0.004, seed=7, difficulty=0.2, progress=False)

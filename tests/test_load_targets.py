@@ -1,4 +1,4 @@
-"""utils.evaluation.load_targets: every problem of a target shows when it is loaded, before any training."""
+"""evaluation.targets.load_targets: every problem of a target shows when it is loaded, before any training."""
 
 import os
 import pickle
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.bins import BinFormatError
-from utils.evaluation import evaluate_targets, load_targets
+from evaluation.targets import evaluate_targets, load_targets
 from utils.files import UnreadableFileError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from data.pairs import PairsError, make_bin, parse_pairs
+from prepare.pairs import PairsError, make_bin, parse_pairs
 from tests.cli_helpers import one_line_error
 from utils.files import UnreadableFileError
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from utils.schedule import lr_factor
+from engine.schedule import lr_factor
 
 
 def test_warmup_is_linear_then_cosine():

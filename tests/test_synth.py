@@ -8,9 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from data import synth
 from data.bins import load_bin
 from data.facerec import FaceRec, read_property
+from prepare import synth
 
 IDS, PER_ID, PAIRS = 5, 3, 0.003  # 0.003 x 5000..7000 real pairs -> 20 pairs per set
 

@@ -8,9 +8,9 @@ import heads
 import losses
 from config import build_config
 from data.dataset import build_dataset
+from engine.checkpoint import load_training_checkpoint
+from engine.trainer import Trainer, param_groups
 from tests.small_nets import SmallNet
-from utils.checkpoint import load_training_checkpoint
-from utils.trainer import Trainer, param_groups
 
 
 def _trainer(pack, out, **over):

@@ -11,9 +11,9 @@ import pytest
 
 import prepare_data
 from data.bins import load_bin, write_bin
-from data.pairs import make_bin
 from data.recordio import RecordIOError
-from data.unpack import MANIFEST, UnpackError, payload_extension, unpack_bin, unpack_dataset, unpack_rec
+from prepare.pairs import make_bin
+from prepare.unpack import MANIFEST, UnpackError, payload_extension, unpack_bin, unpack_dataset, unpack_rec
 from tests.cli_helpers import one_line_error
 
 Image = pytest.importorskip("PIL.Image")  # an independent decoder (pillow comes with matplotlib)

@@ -1,4 +1,4 @@
-"""utils.verification against the published protocol written plainly (a loop over thresholds)."""
+"""evaluation.protocol against the published protocol written plainly (a loop over thresholds)."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
-from utils.verification import (
+from evaluation.protocol import (
     evaluate_embeddings,
     evaluate_pairs,
     kfold_accuracy,
@@ -260,7 +260,7 @@ def test_to_dict_is_strict_json():
 
 
 def test_label_warning_names_a_one_label_set():
-    from utils.verification import label_warning
+    from data.bins import label_warning
 
     assert label_warning([True] * 20) == "all 20 pairs are 'same'"
     assert label_warning(np.zeros(20, np.int64)) == "all 20 pairs are 'different'"

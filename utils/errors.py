@@ -1,7 +1,7 @@
 """The errors a user can cause (bad paths, files, names, values) and how scripts report them.
 
-Scripts catch exactly these and print one line; anything else is a bug and
-keeps its traceback.
+Scripts catch exactly these (UserError and OSError) and print one line; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,23 +10,19 @@ import sys
 from typing import NoReturn, Tuple, Type
 
 
+class UserError(Exception):
+    """Base of every error a user can cause (a bad file, record, name, flag or value): one line,
+    naming the thing that is wrong. Each room defines its own subclass (BinFormatError,
+    RecordIOError, CheckpointError, ConfigError, ...), also a ValueError where callers expect one."""
+
+
 def user_errors() -> Tuple[Type[BaseException], ...]:
-    """Exception types that mean bad input, not a bug (imported lazily: no import cost).
+    """Exception types that mean bad input, not a bug: what scripts catch and print as one line.
 
-    Scripts add config.ConfigError themselves (utils does not import the config layer).
+    OSError too: a missing, unreadable or unwritable path, a full or read-only disk is the
+    user's machine, not our code (FileNotFoundError, PermissionError, ... are subclasses).
     """
-    from data.bins import BinFormatError
-    from data.recordio import RecordIOError
-    from data.sources import DataSourceError
-    from utils.checkpoint import CheckpointError
-    from utils.distributed import DeviceError
-    from utils.files import UnreadableFileError
-    from utils.registry import UnknownNameError
-
-    # OSError: a missing, unreadable or unwritable path, a full or read-only disk: the user's
-    # machine, not our code (FileNotFoundError, PermissionError, ... are subclasses).
-    return (BinFormatError, RecordIOError, DataSourceError, CheckpointError, UnknownNameError, UnreadableFileError,
-            DeviceError, OSError)
+    return (UserError, OSError)
 
 
 def message(exc: BaseException, where: str = "") -> str:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import stat
 
+from utils.errors import UserError
+
 MB = 1 << 20
 # Bytes one image file may hold before it is refused unread (a 112x112 face JPEG is ~5 KB, a
 # full-resolution photo a few MB). $FACETRAIN_MAX_IMAGE_MB overrides it for unusual data.
 DEFAULT_MAX_IMAGE_MB = 64.0
 
 
-class UnreadableFileError(ValueError):
+class UnreadableFileError(UserError, ValueError):
     """A path that is not a regular file, or one larger than the cap for its kind (one line, names the path)."""
 
 

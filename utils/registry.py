@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Dict, Iterator, TypeVar
 
+from utils.errors import UserError
+
 T = TypeVar("T", bound=Callable[..., Any])
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name not in a registry; str() is the plain one-line message (KeyError would quote it)."""
 
     def __str__(self) -> str:

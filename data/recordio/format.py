@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.errors import UserError
+
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)
 LEN_BITS = 29
@@ -35,7 +37,7 @@ _IR_STRUCT = struct.Struct("<IfQQ")
 IR_SIZE = _IR_STRUCT.size  # 24 bytes
 
 
-class RecordIOError(ValueError):
+class RecordIOError(UserError, ValueError):
     """A .rec/.idx file that does not follow the RecordIO format; the message names file, record and byte."""
 
 

@@ -19,7 +19,7 @@ arguments, never on the number of worker processes.
 Units: pose angles in degrees; lengths in pixels of the 112x112 frame.
 """
 
-from data.synth.dataset import (
+from prepare.synth.dataset import (
                                 SET_CHARACTER,
                                 TRAIN_TURNED,
                                 VERIFICATION_PAIRS,
@@ -30,8 +30,8 @@ from data.synth.dataset import (
                                 pair_count,
                                 render_job,
 )
-from data.synth.render import SIZE, render_face
-from data.synth.traits import age_traits, lookalike_traits, render_identity_traits
+from prepare.synth.render import SIZE, render_face
+from prepare.synth.traits import age_traits, lookalike_traits, render_identity_traits
 
 __all__ = ["SET_CHARACTER", "SIZE", "TRAIN_TURNED", "VERIFICATION_PAIRS", "age_traits", "dataset_jobs",
            "generate_dataset", "identity_traits", "lookalike_keep", "lookalike_traits", "pair_count", "render_face",

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.bins import label_warning
+
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)  # 0.00 .. 3.99, 400 values
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # 0.000 .. 3.999, 4000 values
 VAL_FAR_TARGET = 1e-3
@@ -99,19 +101,6 @@ class VerificationResult:
         return out
 
 
-def label_warning(issame) -> str | None:
-    """"all N pairs are 'same'" ('different') when a set has only one label, else None.
-
-    Such a set scores ~100% for any model (the protocol picks a threshold that accepts or
-    rejects nearly everything), so its number must never be reported without this warning.
-    """
-    same = np.asarray(issame, dtype=bool)
-    n = same.size
-    if n and same.all():
-        return f"all {n} pairs are 'same'"
-    if n and not same.any():
-        return f"all {n} pairs are 'different'"
-    return None
 
 
 def _num(x) -> float | None:

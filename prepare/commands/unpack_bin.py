@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prepare import register_command
+from prepare.commands.base import Command
 
 
 def format_bin_summary(s: dict) -> str:
@@ -24,14 +24,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.unpack import unpack_bin
+    from prepare.unpack import unpack_bin
 
     summary = unpack_bin(args.bin, args.out, npy=args.npy, progress=not args.no_progress)
     print(f"unpack-bin: {args.bin}: {format_bin_summary(dict(summary, npy=args.npy))}")
     return 0
 
 
-register_command(
+COMMAND = Command(
     "unpack-bin",
     "Write the 2N images of a verification .bin as OUT/<i>.<ext> and the pairs as OUT/pairs.txt.",
     "python prepare_data.py unpack-bin datasets/faces_emore/lfw.bin images/lfw --npy",

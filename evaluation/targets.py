@@ -14,8 +14,9 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 import torch.nn as nn
 
-from utils.embed import embed
-from utils.verification import VerificationResult, evaluate_embeddings, label_warning
+from data.bins import label_warning
+from evaluation.embed import embed
+from evaluation.protocol import VerificationResult, evaluate_embeddings
 
 # The seven standard sets, in the order papers and the seeds report them.
 STANDARD_TARGETS = ("lfw", "cfp_ff", "cfp_fp", "agedb_30", "calfw", "cplfw", "vgg2_fp")
@@ -69,14 +70,14 @@ def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(
     """Decode the requested targets once per process, and once per file content on disk.
 
     In a process a set is kept by path, size and mtime; across processes the decoded
-    pixels are cached by the file's sha256 (data/bincache.py; ``cache_dir`` None
+    pixels are cached by the file's sha256 (evaluation/cache.py; ``cache_dir`` None
     switches that off, "default" uses $FACETRAIN_CACHE or ~/.cache/facetrain).
     Every problem shows here, before any training or embedding: a FIFO or device is refused
     unread, a set with fewer than 10 pairs raises BinFormatError naming the file, and a set
     whose pairs all have one label is logged as a warning line (``log``, default stderr)
     and carried as ``Target.warning``.
     """
-    from data.bincache import load_decoded  # local: data/ is only needed when targets are loaded
+    from evaluation.cache import load_decoded  # local: data/ is only needed when targets are loaded
 
     log = log or _stderr
     found, missing = find_targets(data_dir, names)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils.preprocess import normalize
+from data.transforms import normalize
 from utils.registry import Registry
 
 TTA_MODES = Registry("tta mode")

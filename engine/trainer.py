@@ -37,14 +37,16 @@ from tqdm import tqdm
 
 from data.dataset import FaceDataset, ResumableBatchSampler
 from data.sources import DataSourceError
-from utils import checkpoint as ckpt
-from utils import distributed as dist_utils
+from data.transforms import apply_flips, normalize
+from engine import distributed as dist_utils
+from engine.checkpoint import rng_state, save_training_checkpoint, set_rng_state
+from engine.distributed import DistInfo
+from engine.feeder import BatchFeeder, WaitInterrupted
+from engine.schedule import make_lr_lambda
 from utils.atomic import write_json
-from utils.distributed import DistInfo
-from utils.feeder import BatchFeeder, WaitInterrupted
+from utils.plots import plot_loss
 from utils.precision import amp_dtype, needs_grad_scaler
-from utils.preprocess import apply_flips, normalize
-from utils.schedule import make_lr_lambda
+from utils.torchfile import CheckpointError, check_finite
 
 Evaluator = Callable[[nn.Module], Dict[str, Any]]
 
@@ -59,7 +61,7 @@ def _copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
             d.copy_(s)
 
 
-class TrainingDivergedError(ckpt.CheckpointError):
+class TrainingDivergedError(CheckpointError):
     """The run cannot go on to a usable checkpoint: too many non-finite steps in a row, or
     non-finite weights about to be saved. A CheckpointError, so scripts print it as one line."""
 
@@ -204,7 +206,7 @@ class Trainer:
                 "criterion": self.criterion.state_dict(), "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps, "history": self.history,
-                "rng": ckpt.rng_state(),
+                "rng": rng_state(),
                 "world_size": self.dist.world_size, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -229,7 +231,7 @@ class Trainer:
         self.history = state.get("history", self.history)
         self.history.setdefault("bad_steps", [])
         self._saved_at = (self.step, None)
-        ckpt.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save(self, config: Dict[str, Any]) -> None:
         """checkpoint.pt (resume) + backbone.pt (weights) + history.json/loss.png, written by rank 0.
@@ -246,7 +248,7 @@ class Trainer:
         self._saved_at = (self.step, os.path.join(self.output_dir, "checkpoint.pt"))
 
     def _write(self, config: Dict[str, Any], state: Dict[str, Any]) -> None:
-        ckpt.save_training_checkpoint(os.path.join(self.output_dir, "checkpoint.pt"), keep=self.cfg.keep,
+        save_training_checkpoint(os.path.join(self.output_dir, "checkpoint.pt"), keep=self.cfg.keep,
                                       config=config, **state)
         if self.save_backbone_fn is not None:
             self.save_backbone_fn(self.model, os.path.join(self.output_dir, "backbone.pt"))
@@ -256,7 +258,7 @@ class Trainer:
         """history.json and loss.png (rank 0): at each save, and after each evaluation (which
         follows the save of its step, so the checkpoint's copy lacks that one evaluation)."""
         write_json(os.path.join(self.output_dir, "history.json"), self.history)
-        from utils.plots import plot_loss  # local: matplotlib only when writing
+
 
         plot_loss(self.history, os.path.join(self.output_dir, "loss.png"))
 
@@ -465,8 +467,8 @@ class Trainer:
         problem = None
         for name, module in (("backbone", self.model), ("head", self.head)):
             try:
-                ckpt.check_finite(module.state_dict(), f"{name} at step {self.step}")
-            except ckpt.CheckpointError as exc:
+                check_finite(module.state_dict(), f"{name} at step {self.step}")
+            except CheckpointError as exc:
                 problem = str(exc)
                 break
         if dist_utils.any_rank(problem is not None, self.dist, self.device):

@@ -25,8 +25,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from utils.atomic import write_atomic, write_json
-from utils.checkpoint import sha256_file
 from utils.files import check_regular
+from utils.torchfile import sha256_file
 
 _HASHES: dict[tuple, str] = {}  # (abspath, size, mtime_ns) -> sha256, so a file is hashed once per process
 

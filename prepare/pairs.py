@@ -23,12 +23,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from data.bins import NFOLDS, write_bin
+from data.bins import NFOLDS, label_warning, write_bin
 from data.sources import DataSourceError
-from data.unpack import payload_extension
+from prepare.unpack import payload_extension
 from utils.atomic import write_text
 from utils.files import MB, max_image_bytes, read_regular
-from utils.verification import label_warning
 
 Pair = tuple[str, str, bool]
 Line = tuple[int, list[str]]  # (1-based line number, whitespace-separated fields)

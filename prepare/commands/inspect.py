@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prepare import register_command
+from prepare.commands.base import Command
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.inspection import inspect_path, summary_lines
+    from prepare.inspection import inspect_path, summary_lines
     from utils.atomic import write_json
 
     reports = inspect_path(args.path, full=args.full, sample=args.sample, seed=args.seed,
@@ -38,6 +38,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-register_command("inspect", "Report what a .rec, a .bin or a dataset folder holds; --full lists every bad record.",
+COMMAND = Command("inspect", "Report what a .rec, a .bin or a dataset folder holds; --full lists every bad record.",
                  "python prepare_data.py inspect datasets/faces_emore --full --json inspect.json",
                  add_args, run)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
 
-class DeviceError(ValueError):
+
+class DeviceError(UserError, ValueError):
     """A --device this machine does not have or torch does not know (one line, names the flag's value)."""
 
 

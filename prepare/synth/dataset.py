@@ -10,8 +10,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import cv2
 import numpy as np
 
-from data.synth.render import SIZE, render_face
-from data.synth.traits import age_traits, lookalike_traits, render_identity_traits
+from prepare.synth.render import SIZE, render_face
+from prepare.synth.traits import age_traits, lookalike_traits, render_identity_traits
 
 #: Real pair counts of the verification sets, scaled by ``pairs`` in generate_dataset.
 VERIFICATION_PAIRS = {"lfw": 6000, "cfp_ff": 7000, "cfp_fp": 7000, "agedb_30": 6000,

@@ -20,9 +20,9 @@ from tqdm import tqdm
 from data.bins import BinFormatError, load_bin
 from data.facerec import FaceRec, header_range, read_property
 from data.imageformat import image_format
-from data.pack import decode_bgr
 from data.recordio import RecordIOError, RecordReader, read_idx, scan_offsets, unpack_irheader
 from data.sources import DataSourceError, class_limit
+from prepare.pack import decode_bgr
 from utils.files import UnreadableFileError
 
 MIN_PAIRS = 10  # the 10-fold protocol needs at least one pair per fold

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from prepare import register_command
+from prepare.commands.base import Command
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.synth import generate_dataset
+    from prepare.synth import generate_dataset
 
     t0 = time.perf_counter()
     summary = generate_dataset(args.out, identities=args.identities, images_per_id=args.images_per_id,
@@ -36,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register_command("synth", "Generate synthetic face identities in the insightface layout (train.rec + 7 .bin).",
+COMMAND = Command("synth", "Generate synthetic face identities in the insightface layout (train.rec + 7 .bin).",
                  "python prepare_data.py synth --out datasets/synth --identities 300 --images-per-id 20",
                  add_args, run)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from data.dataset import FaceDataset, ResumableBatchSampler, collate, stop_workers, worker_init
 from data.sources import DataSourceError
-from utils.distributed import DistInfo
+from engine.distributed import DistInfo
 
 MicroBatch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -137,7 +137,7 @@ class BatchFeeder:
 
     def _decode(self, items: List[Tuple[int, torch.Tensor]], labels: torch.Tensor):
         """Batched JPEG decoding on the training device; undecodable images dropped and reported."""
-        from utils.device_decode import decode_batch
+        from data.device_decode import decode_batch
 
         images, failed = decode_batch([p for _, p in items], self.device, tuple(self.dataset.image_size))
         if failed:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from prepare import register_command
+from prepare.commands.base import Command
 
 
 def add_rec_args(p: argparse.ArgumentParser) -> None:
     """Flags shared with ``unpack`` (which unpacks train.rec the same way)."""
-    from data.unpack import REENCODE_FORMATS
+    from prepare.unpack import REENCODE_FORMATS
 
     p.add_argument("--workers", type=int, default=4,
                    help="writer threads, each with its own reader (file I/O releases the GIL); default 4")
@@ -36,7 +36,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data.unpack import unpack_rec
+    from prepare.unpack import unpack_rec
 
     summary = unpack_rec(args.rec, args.out, workers=args.workers, reencode=args.reencode,
                          progress=not args.no_progress, jpeg_quality=args.jpeg_quality)
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register_command(
+COMMAND = Command(
     "unpack-rec",
     "Write every image of a .rec pack as OUT/<class>/<key>.<ext> (stored bytes, no re-encode; resumable).",
     "python prepare_data.py unpack-rec datasets/faces_emore images/faces_emore --workers 8",

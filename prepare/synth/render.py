@@ -9,7 +9,7 @@ from typing import Any, Tuple
 import cv2
 import numpy as np
 
-from data.synth.traits import _jitter, _mix, _scale, render_identity_traits
+from prepare.synth.traits import _jitter, _mix, _scale, render_identity_traits
 
 SIZE = 112
 _SS = 2  # supersampling factor of the drawing canvas

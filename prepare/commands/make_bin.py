@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prepare import register_command
+from prepare.commands.base import Command
 
 KINDS = ("bytes", "py2str", "ndarray")
 
@@ -23,7 +23,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data.bins import NFOLDS
-    from data.pairs import make_bin
+    from prepare.pairs import make_bin
 
     s = make_bin(args.images, args.pairs, args.out, kind=args.kind, progress=not args.no_progress, min_pairs=NFOLDS)
     converted = f", {s['converted']} converted to PNG" if s["converted"] else ""
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-register_command(
+COMMAND = Command(
     "make-bin",
     "Make a verification .bin from an images folder and a pairs file (ours or LFW's pairs.txt).",
     "python prepare_data.py make-bin lfw-deepfunneled-aligned lfw/pairs.txt datasets/mine/lfw.bin",
