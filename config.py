@@ -20,6 +20,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Sequence
 
+import backbones
+import heads
+import losses
 from utils.errors import UserError
 
 
@@ -40,7 +43,10 @@ class Config:
     The allowed range of a number is its metadata too, checked by `check_range` wherever a value
     enters (flags, presets, config files, a resumed run's config): "min"/"max" are inclusive
     bounds, "gt"/"lt" exclusive ones; every int and float must be finite; a tuple's elements are
-    checked one by one; "nonempty" strings may not be blank.
+    checked one by one; "nonempty" strings may not be blank. "choices" is a tuple of valid values
+    or a registry's `names` function (backbones, heads, losses: the registry is the one list, matched
+    without regard to case as the registry does); "default_text" words a default that its value
+    (None, "") does not say.
     """
 
     # --- data -------------------------------------------------------------
@@ -48,7 +54,7 @@ class Config:
         "training data: a pack folder (train.rec/.idx + .bin targets), a .rec file, "
         "an image folder root/<class>/*.jpg, or several joined by commas")})
     eval_data: str = field(default="", metadata={"help": (
-        "folder holding the verification .bin files (default: the first --data folder)")})
+        "folder holding the verification .bin files"), "default_text": "the first --data folder"})
     targets: str = field(default="", metadata={"help": (
         "comma-separated verification targets (e.g. lfw,cfp_fp); empty = every .bin found")})
     output: str = field(default="runs/default", metadata={"nonempty": True, "help": "run directory"})
@@ -62,19 +68,21 @@ class Config:
         "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
 
     # --- model ------------------------------------------------------------
-    backbone: str = field(default="mobilefacenet", metadata={"help": "backbone name (see --list-backbones)"})
+    backbone: str = field(default="mobilefacenet", metadata={
+        "help": "backbone name (table: --list-backbones)", "choices": backbones.names})
     embedding_size: int = field(default=512, metadata={
         "min": 1, "max": MAX_EMBEDDING_SIZE, "help": "embedding dimension"})
     dropout: float = field(default=0.0, metadata={"min": 0.0, "lt": 1.0, "help": "dropout before the embedding layer"})
     input_order: str = field(default="rgb", metadata={
-        "help": "channel order the backbone sees: rgb or bgr", "choices": ("rgb", "bgr")})
-    head: str = field(default="arcface", metadata={"help": "margin head name"})
-    scale: float | None = field(default=None, metadata={"gt": 0.0, "help": "head scale s (default: the head's own)"})
+        "help": "channel order the backbone sees", "choices": ("rgb", "bgr")})
+    head: str = field(default="arcface", metadata={"help": "margin head name", "choices": heads.names})
+    scale: float | None = field(default=None, metadata={
+        "gt": 0.0, "help": "head scale s", "default_text": "the head's own"})
     margin: float | None = field(default=None, metadata={
-        "finite": True, "help": "head margin m (default: the head's own)"})
+        "finite": True, "help": "head margin m", "default_text": "the head's own"})
     head_kwargs: Dict[str, Any] = field(default_factory=dict, metadata={
         "help": "extra head parameters as JSON, e.g. '{\"easy_margin\": true}'"})
-    loss: str = field(default="cross_entropy", metadata={"help": "loss name (cross_entropy, focal)"})
+    loss: str = field(default="cross_entropy", metadata={"help": "loss name", "choices": losses.names})
     focal_gamma: float = field(default=2.0, metadata={"min": 0.0, "help": "gamma of the focal loss"})
     label_smoothing: float = field(default=0.0, metadata={
         "min": 0.0, "lt": 1.0, "help": "label smoothing of cross-entropy"})
@@ -93,7 +101,7 @@ class Config:
     weight_decay: float = field(default=5e-4, metadata={
         "min": 0.0, "help": "weight decay (not applied to BN and biases)"})
     scheduler: str = field(default="cosine", metadata={
-        "help": "lr schedule after warmup", "choices": ("cosine", "step", "poly", "constant")})
+        "help": "lr schedule after warmup: a name registered in engine/schedule.py"})
     milestones: typing.Tuple[float, ...] = field(default=(), metadata={"min": 0.0,
         "help": "epochs at which the step schedule multiplies lr by --lr-gamma, e.g. 10,18,22"})
     lr_gamma: float = field(default=0.1, metadata={"gt": 0.0, "max": 1.0, "help": "step schedule factor"})
@@ -213,6 +221,12 @@ def range_text(name: str) -> str:
     return ""
 
 
+def choices_of(name: str) -> tuple[str, ...]:
+    """The valid values of field `name` (read from its registry where it has one); () = any value."""
+    choices = _FIELDS[name].metadata.get("choices", ())
+    return tuple(choices() if callable(choices) else choices)
+
+
 def _num(x: float) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
@@ -309,8 +323,9 @@ def coerce(name: str, value: Any) -> Any:
             out = value
     except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"bad value {value!r} for {describe(name)}: {exc}") from None
-    choices = _FIELDS[name].metadata.get("choices")
-    if choices and out not in choices:
+    choices = choices_of(name)
+    registry = callable(_FIELDS[name].metadata.get("choices"))  # registries match names without regard to case
+    if choices and (str(out).lower() not in {c.lower() for c in choices} if registry else out not in choices):
         raise ConfigError(f"bad value {out!r} for {describe(name)}{_closest(str(out), choices)} "
                           f"(valid: {', '.join(choices)})")
     if out is not None:
@@ -406,7 +421,8 @@ def _yaml_config(path: str, raw: bytes) -> Any:
 def build_config(preset: str = "", config_file: str = "", overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults < preset < config file < overrides."""
     file_data = load_config_file(config_file) if config_file else {}
-    preset = str(file_data.pop("preset", "") or "") if not preset else preset
+    file_preset = str(file_data.pop("preset", "") or "")
+    preset = preset or file_preset  # a --preset flag beats the file's `preset:` key
     cfg = Config()
     if preset:
         if preset not in PRESETS:
@@ -436,15 +452,22 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) 
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
-        allowed = range_text(f.name)
-        help_text = (f"{f.metadata.get('help', '')} (default: {getattr(defaults, f.name)!r}"
-                     f"{'; allowed: ' + allowed if allowed else ''})")
+        help_text = _help_text(f, getattr(defaults, f.name))
         if _field_type(f.name) is bool:
             group.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         else:
             group.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS,
                                metavar=f.name.upper(), help=help_text)
+
+
+def _help_text(f: dataclasses.Field, default: Any) -> str:
+    """A field's help, then its valid names, its one default and its range: "... (one of: a, b; default: 'a')"."""
+    parts = [f"one of: {', '.join(choices_of(f.name))}"] if choices_of(f.name) else []
+    parts.append(f"default: {f.metadata.get('default_text', repr(default))}")
+    if range_text(f.name):
+        parts.append(f"allowed: {range_text(f.name)}")
+    return f"{f.metadata.get('help', '')} ({'; '.join(parts)})"
 
 
 def parse_config(

@@ -37,6 +37,8 @@ DEFAULT_MAX_BIN_GB = 8.0
 # Pixels one encoded image may claim in its header before it is refused undecoded (OpenCV's own
 # limit is 2**30, i.e. a 3 GB allocation); a face crop has ~12.5 k, a large photo ~50 M.
 NFOLDS = 10  # the verification protocol's folds: a set needs at least this many pairs
+# How write_bin can pickle the images: Python 3 bytes, Python 2 str (as the original files), 1-D uint8 arrays.
+BIN_KINDS = ("bytes", "py2str", "ndarray")
 
 _ALLOWED_WHAT = "only image bytes, numpy arrays and bool/integer flags are allowed"
 
@@ -371,7 +373,7 @@ def write_bin(
     elif kind == "py2str":
         data = _py2_pickle(payloads, flags)
     else:
-        raise ValueError(f"write_bin kind must be 'bytes', 'ndarray' or 'py2str', got {kind!r}")
+        raise ValueError(f"write_bin kind must be one of {', '.join(BIN_KINDS)}, got {kind!r}")
     write_bytes(path, data, fsync=True)
 
 

@@ -120,28 +120,9 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
     except RecordIOError as exc:
         report.problem(str(exc))
         return None
-    size = report["bytes"]
     raw = RecordReader(rec_path, indexed=False)  # read_at(offset) only, which checks every chunk
-
-    def read(key: int, offset: int):
-        if offset >= size:
-            report.problem(f"{rec_path} record {key} at byte {offset}: offset is past the end of the file "
-                           f"({size} bytes; truncated?)")
-            return None
-        try:
-            return unpack_irheader(raw.read_at(offset))
-        except RecordIOError as exc:
-            msg = str(exc)
-            msg = msg.replace(f"{rec_path} record ", f"{rec_path} record {key} ", 1) if msg.startswith(rec_path) \
-                else f"{rec_path} record {key}: {msg}"
-            report.problem(msg)
-            return None
-
-    head_at = index.offset(0)
-    try:
-        ranges = header_range(raw.read_at(head_at)) if head_at is not None and head_at < size else None
-    except RecordIOError:
-        ranges = None  # reported below: key 0 is then read as an image
+    read = _record_reader(rec_path, raw, report)
+    ranges = _header_range(raw, index, report["bytes"])
     report["layout"] = "insightface" if ranges else "plain"
     report["records"] = len(index)
     _check_index(rec_path, report, index)
@@ -171,21 +152,60 @@ def _scan_rec(rec_path: str, report: _Report, limit: int | None, progress: bool)
         if got is None:
             continue
         header, payload = got
-        value = _label_of(header.label)
-        if not value.is_integer() or value < 0:
-            report.problem(f"{rec_path} record {key}: label {value} is not a class id")
-        elif value >= class_limit(len(index)):
-            report.problem(f"{rec_path} record {key}: label {value:.0f} is not believable in a pack of "
-                           f"{len(index)} records (damaged label?)")
-        else:
-            labels[i] = int(value)
-            if limit is not None and value >= limit:
-                report.problem(f"{rec_path} record {key}: label {int(value)} >= {limit} classes")
+        labels[i] = _checked_label(f"{rec_path} record {key}", report, _label_of(header.label), len(index), limit)
         tally.check(payload, f"{rec_path} record {key}")
     tally.store(len(image_keys))
     if ranges:
         _check_identities(rec_path, report, read, index, first_id, end, labels)
     return labels
+
+
+def _record_reader(rec_path: str, raw: RecordReader, report: _Report):
+    """``read(key, offset)`` -> (IRHeader, payload), or None after reporting why the record is unreadable
+    (an offset past the end of the file, a damaged chunk), the message naming the record's key."""
+    size = report["bytes"]
+
+    def read(key: int, offset: int):
+        if offset >= size:
+            report.problem(f"{rec_path} record {key} at byte {offset}: offset is past the end of the file "
+                           f"({size} bytes; truncated?)")
+            return None
+        try:
+            return unpack_irheader(raw.read_at(offset))
+        except RecordIOError as exc:
+            msg = str(exc)
+            msg = msg.replace(f"{rec_path} record ", f"{rec_path} record {key} ", 1) if msg.startswith(rec_path) \
+                else f"{rec_path} record {key}: {msg}"
+            report.problem(msg)
+            return None
+
+    return read
+
+
+def _header_range(raw: RecordReader, index: _Index, size: int) -> tuple[int, int] | None:
+    """The insightface header's identity-record range [first, end), or None for a plain im2rec pack
+    (also when record 0 is unreadable: it is then read, and reported, as an image)."""
+    head_at = index.offset(0)
+    try:
+        return header_range(raw.read_at(head_at)) if head_at is not None and head_at < size else None
+    except RecordIOError:
+        return None
+
+
+def _checked_label(where: str, report: _Report, value: float, records: int, limit: int | None) -> int:
+    """The class id of a record's label, or -1 after reporting a label that is not one (negative,
+    fractional, beyond what a pack of ``records`` records can hold); ``limit`` classes, when known,
+    bound it too (a label past it is reported but kept)."""
+    if not value.is_integer() or value < 0:
+        report.problem(f"{where}: label {value} is not a class id")
+        return -1
+    if value >= class_limit(records):
+        report.problem(f"{where}: label {value:.0f} is not believable in a pack of {records} records "
+                       f"(damaged label?)")
+        return -1
+    if limit is not None and value >= limit:
+        report.problem(f"{where}: label {int(value)} >= {limit} classes")
+    return int(value)
 
 
 def _check_index(rec_path: str, report: _Report, index: _Index) -> None:

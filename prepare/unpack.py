@@ -269,46 +269,60 @@ def unpack_rec(
                      "records": len(rec.reader), "images": len(keys), "format": reencode,
                      "fingerprint": fingerprint(rec.reader)}, int(done.sum()))
     todo = np.flatnonzero(~done)
-    classes = np.unique(labels)
+    _make_class_folders(out_dir, np.unique(labels[todo]).tolist(), class_w)
+    job = _RecUnpacker(rec.reader, out_dir, class_w, key_w, reencode, jpeg_quality)
+    bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"unpack {os.path.basename(rec.rec_path)}",
+               unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        written, nbytes, formats = _run_chunks(job, keys, labels, todo, max(1, int(workers)), bar)
+    finally:
+        bar.close()
+    return {"images": len(keys), "written": written, "skipped": len(keys) - len(todo),
+            "classes": len(np.unique(labels)), "bytes": nbytes, "formats": dict(sorted(formats.items())),
+            "layout": rec.layout, "seconds": time.perf_counter() - t0, "out": out_dir}
+
+
+def _make_class_folders(out_dir: str, classes: list[int], class_w: int) -> None:
+    """Create ``out_dir/<class>`` for each class still to write; one that resolves elsewhere is refused."""
     real_out = os.path.realpath(out_dir)
-    for c in np.unique(labels[todo]).tolist():
+    for c in classes:
         folder = os.path.join(out_dir, f"{c:0{class_w}d}")
         os.makedirs(folder, exist_ok=True)
         if os.path.realpath(folder) != os.path.join(real_out, f"{c:0{class_w}d}"):  # a link made meanwhile
             raise UnpackError(f"{folder}: resolves to {os.path.realpath(folder)}, outside {out_dir}; refused")
 
-    job = _RecUnpacker(rec.reader, out_dir, class_w, key_w, reencode, jpeg_quality)
-    workers = max(1, int(workers))
+
+def _run_chunks(job: _RecUnpacker, keys: np.ndarray, labels: np.ndarray, todo: np.ndarray, workers: int,
+                bar: tqdm) -> tuple[int, int, Counter]:
+    """Write the images at positions ``todo`` in chunks (about 4 per worker thread, at most _CHUNK each).
+
+    Returns (files written, bytes written, Counter of extensions). The first error stops the rest.
+    """
     size = max(1, min(_CHUNK, -(-len(todo) // (workers * 4))))
     chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
     written = nbytes = 0
     formats: Counter = Counter()
-    bar = tqdm(total=len(keys), initial=len(keys) - len(todo), desc=f"unpack {os.path.basename(rec.rec_path)}",
-               unit="img", disable=not progress, dynamic_ncols=True)
-    try:
-        if workers == 1:
-            results = (job(keys[c], labels[c]) for c in chunks)
-            for n, b, f in results:
-                written, nbytes = written + n, nbytes + b
-                formats.update(f)
-                bar.update(n)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                futures = [pool.submit(job, keys[c], labels[c]) for c in chunks]
-                try:
-                    for fut in as_completed(futures):
-                        n, b, f = fut.result()
-                        written, nbytes = written + n, nbytes + b
-                        formats.update(f)
-                        bar.update(n)
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-    finally:
-        bar.close()
-    return {"images": len(keys), "written": written, "skipped": len(keys) - len(todo), "classes": len(classes),
-            "bytes": nbytes, "formats": dict(sorted(formats.items())), "layout": rec.layout,
-            "seconds": time.perf_counter() - t0, "out": out_dir}
+
+    def add(result: tuple[int, int, Counter]) -> None:
+        nonlocal written, nbytes
+        n, b, f = result
+        written, nbytes = written + n, nbytes + b
+        formats.update(f)
+        bar.update(n)
+
+    if workers == 1:
+        for c in chunks:
+            add(job(keys[c], labels[c]))
+        return written, nbytes, formats
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(job, keys[c], labels[c]) for c in chunks]
+        try:
+            for fut in as_completed(futures):
+                add(fut.result())
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return written, nbytes, formats
 
 
 def _bin_item_bytes(item: bytes | np.ndarray) -> bytes:

@@ -7,15 +7,15 @@ import sys
 
 from prepare.commands.base import Command
 
-KINDS = ("bytes", "py2str", "ndarray")
-
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from data.bins import BIN_KINDS
+
     p.add_argument("images", metavar="IMAGES", help="the images folder the pairs file's paths are relative to")
     p.add_argument("pairs", metavar="PAIRS",
                    help="pairs file: ours ('<a> <b> <1|0>' per line) or LFW's pairs.txt (detected)")
     p.add_argument("out", metavar="OUT.bin", help="the .bin to write")
-    p.add_argument("--kind", choices=KINDS, default="bytes",
+    p.add_argument("--kind", choices=BIN_KINDS, default="bytes",
                    help="how images are pickled: Python 3 bytes (default), Python 2 str like the original "
                         "insightface files, or 1-D numpy uint8 arrays")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

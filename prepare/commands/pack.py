@@ -9,8 +9,9 @@ from prepare.commands.base import Command
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="image folder SRC/<class>/*, an im2rec .lst file, or a .rec / pack folder to repack")
-    p.add_argument("out", help="output folder: train.rec, train.idx, property, classes.txt")
+    p.add_argument("src", metavar="SRC",
+                   help="image folder SRC/<class>/*, an im2rec .lst file, or a .rec / pack folder to repack")
+    p.add_argument("out", metavar="OUT", help="output folder: train.rec, train.idx, property, classes.txt")
     p.add_argument("--root", default=None,
                    help="folder the .lst's image paths are relative to (default: the .lst's own folder)")
     p.add_argument("--size", default="112x112",
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if result.skipped else 0
 
 
-COMMAND = Command("pack", "Pack an image folder or an im2rec .lst into train.rec/.idx/property (insightface layout).",
+COMMAND = Command("pack", "Pack an image folder, an im2rec .lst or a .rec (repack) into train.rec/.idx/property "
+                          "(insightface layout).",
                  "python prepare_data.py pack datasets/faces_folder datasets/faces_pack --workers 4",
                  add_args, run)

@@ -13,7 +13,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identities", type=int, default=300, help="training identities (classes)")
     p.add_argument("--images-per-id", type=int, default=20, help="training images per identity")
     p.add_argument("--pairs", type=float, default=0.05,
-                   help="fraction of the real pair counts for each .bin (lfw 6000 x 0.05 = 300 pairs)")
+                   help="fraction of the real pair counts for each .bin (lfw 6000 x 0.05 = 300 pairs), "
+                        "rounded to a multiple of 20, at least 20")
     p.add_argument("--difficulty", type=float, default=0.3,
                    help="scale of the nuisance variation (pose, light, occlusion...) and of how alike the "
                         "look-alike negatives are; 0.3 is learnable in minutes on a CPU, 1.0 is hard")

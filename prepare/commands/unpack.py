@@ -5,21 +5,19 @@ from __future__ import annotations
 import argparse
 
 from prepare.commands.base import Command
+from prepare.commands.unpack_bin import format_bin_summary
+from prepare.commands.unpack_rec import add_rec_args, format_rec_summary
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from prepare.commands.unpack_rec import add_rec_args
-
     p.add_argument("dataset", metavar="DATASET_DIR", help="an insightface dataset folder (train.rec/.idx, *.bin)")
-    p.add_argument("out", metavar="OUT", help="output folder: OUT/train/<class>/<key>.jpg, OUT/<target>/...")
+    p.add_argument("out", metavar="OUT", help="output folder: OUT/train/<class>/<key>.<ext>, OUT/<target>/<i>.<ext>")
     add_rec_args(p)
     p.add_argument("--npy", action="store_true",
                    help="also write OUT/<target>/images.npy and issame.npy for every .bin")
 
 
 def run(args: argparse.Namespace) -> int:
-    from prepare.commands.unpack_bin import format_bin_summary
-    from prepare.commands.unpack_rec import format_rec_summary
     from prepare.unpack import unpack_dataset
 
     summary = unpack_dataset(args.dataset, args.out, workers=args.workers, reencode=args.reencode, npy=args.npy,

@@ -31,7 +31,7 @@ def format_rec_summary(s: dict) -> str:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("rec", metavar="REC", help="a .rec file (with its .idx beside it) or a folder holding train.rec")
-    p.add_argument("out", metavar="OUT", help="output folder: OUT/<class>/<key>.jpg")
+    p.add_argument("out", metavar="OUT", help="output folder: OUT/<class>/<key>.<ext>")
     add_rec_args(p)
 
 
@@ -46,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
 
 COMMAND = Command(
     "unpack-rec",
-    "Write every image of a .rec pack as OUT/<class>/<key>.<ext> (stored bytes, no re-encode; resumable).",
+    "Write every image of a .rec pack as OUT/<class>/<key>.<ext> (stored bytes unless --format; resumable).",
     "python prepare_data.py unpack-rec datasets/faces_emore images/faces_emore --workers 8",
     add_args, run)

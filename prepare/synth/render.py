@@ -144,44 +144,65 @@ def _draw_eye(img, P, tr, side, open_, gaze, skin) -> None:
 
 
 def _draw_features(img, P, tr, ex, skin) -> None:
-    e, br, no, mo, x = tr["eyes"], tr["brows"], tr["nose"], tr["mouth"], tr["extras"]
-    hair_c = tr["hair"]["colour"]
-    dark = _scale(skin, tr["skin"]["shade"])
-    # wrinkles (age): forehead lines, crow's feet, nasolabial folds
+    """The inner face, in painting order: what is drawn later covers what is drawn earlier."""
+    _draw_wrinkles(img, P, tr, skin)
+    _draw_beard(img, P, tr, skin)  # before the mouth so lips stay visible
+    _draw_brows(img, P, tr, ex, skin)
+    for side in (-1, 1):
+        _draw_eye(img, P, tr, side, ex["open"], ex["gaze"], skin)
+    _draw_nose(img, P, tr, ex, skin)
+    _draw_mouth(img, P, tr, ex, skin)
+    _draw_marks(img, P, tr, skin)
+    if tr["extras"]["glasses"]:
+        _draw_glasses(img, P, tr)
+
+
+def _draw_wrinkles(img, P, tr, skin) -> None:
+    """Age: forehead lines, crow's feet, nasolabial folds (none below wrinkles 0.15)."""
+    e, br, no, mo = tr["eyes"], tr["brows"], tr["nose"], tr["mouth"]
     wr = tr["skin"]["wrinkles"]
-    if wr > 0.15:
-        wc = _scale(skin, 1 - 0.25 * wr)
-        for k in range(1 + int(wr * 3)):
-            y0 = e["dy"] - br["gap"] - 7 - 4 * k
-            _line(img, P.surf(np.column_stack([np.linspace(-14, 14, 8), y0 - 1.5 * np.cos(np.linspace(-1, 1, 8))])),
-                  wc, P.px(0.5))
-        for side in (-1, 1):
-            ox = side * (e["dx"] + e["w"] + 1.5)
-            for k in (-1, 0, 1):
-                _line(img, P.surf(np.array([[ox, e["dy"] + 1.5 * k], [ox + side * 3.5, e["dy"] + 2.8 * k]])), wc,
-                      P.px(0.45))
-            _line(img, P.surf(np.array([[side * (no["w"] + 1), no["y"] - 1], [side * (mo["w"] + 2), mo["y"] - 3],
-                                        [side * (mo["w"] + 3), mo["y"] + 2]])), wc, P.px(0.6))
-    # beard (before the mouth so lips stay visible)
+    if wr <= 0.15:
+        return
+    wc = _scale(skin, 1 - 0.25 * wr)
+    for k in range(1 + int(wr * 3)):
+        y0 = e["dy"] - br["gap"] - 7 - 4 * k
+        _line(img, P.surf(np.column_stack([np.linspace(-14, 14, 8), y0 - 1.5 * np.cos(np.linspace(-1, 1, 8))])),
+              wc, P.px(0.5))
+    for side in (-1, 1):
+        ox = side * (e["dx"] + e["w"] + 1.5)
+        for k in (-1, 0, 1):
+            _line(img, P.surf(np.array([[ox, e["dy"] + 1.5 * k], [ox + side * 3.5, e["dy"] + 2.8 * k]])), wc,
+                  P.px(0.45))
+        _line(img, P.surf(np.array([[side * (no["w"] + 1), no["y"] - 1], [side * (mo["w"] + 2), mo["y"] - 3],
+                                    [side * (mo["w"] + 3), mo["y"] + 2]])), wc, P.px(0.6))
+
+
+def _draw_beard(img, P, tr, skin) -> None:
+    """Beard kinds: 1 full, 2 goatee + moustache, 3 moustache, 4 stubble (a full beard, faint)."""
+    no, mo, x = tr["nose"], tr["mouth"], tr["extras"]
     kind = x["beard"]
-    if kind:
-        bc = _mix(skin, hair_c, x["beard_d"] * (0.45 if kind == 4 else 1.0))
-        if kind in (1, 4):  # full beard / stubble
-            outline = _head_outline(tr["head"])
-            low = outline[(outline[:, 1] > no["y"] - 2)]
-            low = low[np.argsort(np.arctan2(low[:, 1], low[:, 0]))][::-1]
-            a8, w = tr["head"]["a"] * 0.8, mo["w"]
-            inner = np.array([[-a8, no["y"] - 2], [-w - 4, mo["y"] - 2], [-w * 0.5, no["y"] + 4], [0, no["y"] + 3.5],
-                              [w * 0.5, no["y"] + 4], [w + 4, mo["y"] - 2], [a8, no["y"] - 2]])
-            _fill(img, [np.vstack([P.surf(low * 0.97), P.surf(inner[::-1])])], bc)
-        if kind == 2:  # goatee
-            _fill(img, [P.surf(_ell(0, mo["y"] + 9, mo["w"] * 0.55, 7, n=14))], bc)
-        if kind in (2, 3):  # moustache
-            _fill(img, [P.surf(np.array([[-mo["w"] - 1, mo["y"] + 1], [-mo["w"] * 0.8, mo["y"] - mo["up"] - 3.5],
-                                         [0, no["y"] + 2.5], [mo["w"] * 0.8, mo["y"] - mo["up"] - 3.5],
-                                         [mo["w"] + 1, mo["y"] + 1], [0, mo["y"] - mo["up"] - 0.5]]))], bc)
-    # brows
-    bcol = _mix(skin, _scale(hair_c, 0.7), br["dark"])
+    if not kind:
+        return
+    bc = _mix(skin, tr["hair"]["colour"], x["beard_d"] * (0.45 if kind == 4 else 1.0))
+    if kind in (1, 4):  # full beard / stubble
+        outline = _head_outline(tr["head"])
+        low = outline[(outline[:, 1] > no["y"] - 2)]
+        low = low[np.argsort(np.arctan2(low[:, 1], low[:, 0]))][::-1]
+        a8, w = tr["head"]["a"] * 0.8, mo["w"]
+        inner = np.array([[-a8, no["y"] - 2], [-w - 4, mo["y"] - 2], [-w * 0.5, no["y"] + 4], [0, no["y"] + 3.5],
+                          [w * 0.5, no["y"] + 4], [w + 4, mo["y"] - 2], [a8, no["y"] - 2]])
+        _fill(img, [np.vstack([P.surf(low * 0.97), P.surf(inner[::-1])])], bc)
+    if kind == 2:  # goatee
+        _fill(img, [P.surf(_ell(0, mo["y"] + 9, mo["w"] * 0.55, 7, n=14))], bc)
+    if kind in (2, 3):  # moustache
+        _fill(img, [P.surf(np.array([[-mo["w"] - 1, mo["y"] + 1], [-mo["w"] * 0.8, mo["y"] - mo["up"] - 3.5],
+                                     [0, no["y"] + 2.5], [mo["w"] * 0.8, mo["y"] - mo["up"] - 3.5],
+                                     [mo["w"] + 1, mo["y"] + 1], [0, mo["y"] - mo["up"] - 0.5]]))], bc)
+
+
+def _draw_brows(img, P, tr, ex, skin) -> None:
+    e, br = tr["eyes"], tr["brows"]
+    bcol = _mix(skin, _scale(tr["hair"]["colour"], 0.7), br["dark"])
     for side in (-1, 1):
         xs = np.linspace(br["inner"] + 5, br["inner"] + 5 + br["len"], 9)
         base = e["dy"] - br["gap"] - ex["brow"]
@@ -190,9 +211,12 @@ def _draw_features(img, P, tr, ex, skin) -> None:
         th = br["thick"] * (1.1 - 0.6 * tt)
         pts = np.vstack([np.column_stack([side * xs, yc - th / 2]), np.column_stack([side * xs, yc + th / 2])[::-1]])
         _fill(img, [P.surf(pts)], bcol)
-    for side in (-1, 1):
-        _draw_eye(img, P, tr, side, ex["open"], ex["gaze"], skin)
-    # nose: bridge shadow, wings, tip, nostrils
+
+
+def _draw_nose(img, P, tr, ex, skin) -> None:
+    """Bridge shadow (on the side ``ex["shadow_side"]``), wings, tip, nostrils."""
+    e, no = tr["eyes"], tr["nose"]
+    dark = _scale(skin, tr["skin"]["shade"])
     s = ex["shadow_side"]
     ny, nw, pr = no["y"], no["w"], no["prot"]
     k = np.linspace(0, 1, 8)
@@ -204,7 +228,11 @@ def _draw_features(img, P, tr, ex, skin) -> None:
     for side in (-1, 1):
         _fill(img, [P.surf(_ell(side * nw * 0.42, ny + 1.0, 1.1 * no["nostril"], 0.7 * no["nostril"], n=10),
                            pr * 0.5)], (70, 40, 38))
-    # mouth
+
+
+def _draw_mouth(img, P, tr, ex, skin) -> None:
+    """Lips on a smile-bent line; an open mouth shows its inside (and teeth past 0.3)."""
+    mo = tr["mouth"]
     w = mo["w"]
     xs = np.linspace(-w, w, 15)
     q = 1 - (xs / w) ** 2
@@ -225,7 +253,11 @@ def _draw_features(img, P, tr, ex, skin) -> None:
           _scale(lip, 0.9))
     _fill(img, [P.surf(np.vstack([np.column_stack([xs, low_top]), np.column_stack([xs, low_edge])[::-1]]))], lip)
     _line(img, P.surf(np.column_stack([xs, line])), _scale(lip, 0.55), P.px(0.6))
-    # marks
+
+
+def _draw_marks(img, P, tr, skin) -> None:
+    """Moles, a scar, freckles (their own seeded generator: the same spots in every photo)."""
+    x = tr["extras"]
     for mx, my, mr in x["moles"]:
         _fill(img, [P.surf(_ell(mx, my, mr, mr, n=8))], (60, 38, 30))
     if x["scar"] is not None:
@@ -237,27 +269,30 @@ def _draw_features(img, P, tr, ex, skin) -> None:
         pts = fr.uniform((-24, -4), (24, 14), (24, 2))
         pts[:, 0] += np.sign(pts[:, 0]) * 4
         _fill(img, [P.surf(_ell(px_, py_, 0.7, 0.7, n=6)) for px_, py_ in pts], _mix(skin, (120, 70, 40), 0.45))
-    # glasses
-    if x["glasses"]:
-        fc, th = x["frame"], P.px(x["frame_t"])
-        lenses = []
-        for side in (-1, 1):
-            cx, cy = side * e["dx"], e["dy"] + 0.5
-            rx, ry = e["w"] + x["lens"], e["w"] * 0.7 + x["lens"] * 0.8
-            if x["glasses"] == 1:
-                ring = _ell(cx, cy, rx, ry, n=20)
-            else:  # rounded rectangle (superellipse)
-                t = np.linspace(0, 2 * math.pi, 24, endpoint=False)
-                c, sn = np.cos(t), np.sin(t)
-                ring = np.column_stack([cx + rx * np.sign(c) * np.abs(c) ** 0.4,
-                                        cy + ry * np.sign(sn) * np.abs(sn) ** 0.4])
-            lenses.append(P.surf(ring, 2.5))
-            _line(img, P.surf(np.array([[side * (e["dx"] + rx), cy], [side * tr["head"]["a"] * 0.99, cy - 1]]), 1.0),
-                  fc, th)
-        for ring in lenses:
-            _line(img, ring, fc, th, closed=True)
-        _line(img, P.surf(np.array([[-e["dx"] + e["w"] + x["lens"], e["dy"]], [0, e["dy"] - 1.5],
-                                    [e["dx"] - e["w"] - x["lens"], e["dy"]]]), 3.0), fc, th)
+
+
+def _draw_glasses(img, P, tr) -> None:
+    """Frames: kind 1 oval lenses, else rounded rectangles; temples run to the head's edge."""
+    e, x = tr["eyes"], tr["extras"]
+    fc, th = x["frame"], P.px(x["frame_t"])
+    lenses = []
+    for side in (-1, 1):
+        cx, cy = side * e["dx"], e["dy"] + 0.5
+        rx, ry = e["w"] + x["lens"], e["w"] * 0.7 + x["lens"] * 0.8
+        if x["glasses"] == 1:
+            ring = _ell(cx, cy, rx, ry, n=20)
+        else:  # rounded rectangle (superellipse)
+            t = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+            c, sn = np.cos(t), np.sin(t)
+            ring = np.column_stack([cx + rx * np.sign(c) * np.abs(c) ** 0.4,
+                                    cy + ry * np.sign(sn) * np.abs(sn) ** 0.4])
+        lenses.append(P.surf(ring, 2.5))
+        _line(img, P.surf(np.array([[side * (e["dx"] + rx), cy], [side * tr["head"]["a"] * 0.99, cy - 1]]), 1.0),
+              fc, th)
+    for ring in lenses:
+        _line(img, ring, fc, th, closed=True)
+    _line(img, P.surf(np.array([[-e["dx"] + e["w"] + x["lens"], e["dy"]], [0, e["dy"] - 1.5],
+                                [e["dx"] - e["w"] - x["lens"], e["dy"]]]), 3.0), fc, th)
 
 
 def _occlude(img, P, tr, rng, skin) -> None:
@@ -338,18 +373,33 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
         tr = {**tr, "extras": {**tr["extras"], "glasses": 0}}
     skin = tr["skin"]["colour"]
     P = _Pose(h["a"], h["b"], v["yaw"], v["pitch"], v["roll"], v["scale"], v["tx"], v["ty"])
-    cloth = tuple(rng.uniform(0, 255, 3).tolist())
+    _draw_head(img, P, tr, vol, skin, cloth=tuple(rng.uniform(0, 255, 3).tolist()))
+    ex = {"open": float(np.clip(v["open"], 0.05, 1.2)), "gaze": (g(0.7, 1.4), g(0.4, 0.8)),
+          "smile": float(np.clip(v["smile"], -1, 1)), "mouth_open": float(np.clip(v["mouth_open"], 0, 1)),
+          "brow": v["brow"], "shadow_side": 1 if rng.random() < 0.5 else -1}
+    _draw_features(img, P, tr, ex, skin)
+    if hair["style"] == 1:
+        _fill(img, [_hair_cap(P, tr, hair, 0.5)], _mix(skin, hair["colour"], 0.55))
+    elif hair["style"] != 0:
+        _fill(img, [_hair_cap(P, tr, hair, vol)], hair["colour"])
+    if v["occlude"]:
+        _occlude(img, P, tr, rng, skin)
+    return _photograph(img, rng, d, g)
+
+
+def _draw_head(img, P, tr, vol, skin, cloth) -> None:
+    """Shoulders (``cloth`` RGB), neck, long hair behind the head, ears, the face outline, blush."""
+    h, hair = tr["head"], tr["hair"]
     _fill(img, [P.sil(np.array([[-70, h["b"] + 4], [70, h["b"] + 4], [90, 90], [-90, 90]]))], cloth)
     _fill(img, [P.sil(np.array([[-h["a"] * 0.55, 0], [h["a"] * 0.55, 0], [h["a"] * 0.6, 70], [-h["a"] * 0.6, 70]]))],
           _scale(skin, 0.8))
-    hc = hair["colour"]
     if hair["style"] in (4, 6):  # long hair / curls behind the head
         ln = hair["length"] if hair["style"] == 4 else 8
         back = _ell(0, 0, h["a"] + vol + (8 if hair["style"] == 6 else 3), h["b"] * 0.8 + vol + 6, n=16,
                     t0=math.pi, t1=2 * math.pi)
         back = np.vstack([back, [[h["a"] + vol + 3, h["b"] * 0.3 + ln], [-h["a"] - vol - 3,
                                                                                           h["b"] * 0.3 + ln]]])
-        _fill(img, [P.sil(back)], _scale(hc, 0.85))
+        _fill(img, [P.sil(back)], _scale(hair["colour"], 0.85))
     for side in (-1, 1):
         ew = h["ear_w"] * float(np.clip(1 + 1.5 * side * -P.yaw_s, 0.2, 1.8))
         _fill(img, [P.sil(_ell(side * (h["a"] - 1), h["ear_y"], ew + 1, h["ear_h"], n=14))], _scale(skin, 0.9))
@@ -359,18 +409,13 @@ def render_face(traits: dict, rng: np.random.Generator, difficulty: float = 1.0,
     if tr["skin"]["blush"] > 0.12:
         for side in (-1, 1):
             _fill(img, [P.surf(_ell(side * 20, 10, 6, 4, n=12))], _mix(skin, (220, 90, 90), tr["skin"]["blush"] * 0.5))
-    ex = {"open": float(np.clip(v["open"], 0.05, 1.2)), "gaze": (g(0.7, 1.4), g(0.4, 0.8)),
-          "smile": float(np.clip(v["smile"], -1, 1)), "mouth_open": float(np.clip(v["mouth_open"], 0, 1)),
-          "brow": v["brow"], "shadow_side": 1 if rng.random() < 0.5 else -1}
-    _draw_features(img, P, tr, ex, skin)
-    if hair["style"] == 1:
-        _fill(img, [_hair_cap(P, tr, hair, 0.5)], _mix(skin, hc, 0.55))
-    elif hair["style"] != 0:
-        _fill(img, [_hair_cap(P, tr, hair, vol)], hc)
-    if v["occlude"]:
-        _occlude(img, P, tr, rng, skin)
+
+
+def _photograph(img: np.ndarray, rng: np.random.Generator, d: float, g) -> np.ndarray:
+    """The camera: downsample the supersampled drawing to 112x112, then lighting (gain, directional
+    gradient, colour cast), blur, sensor noise and JPEG damage, each scaled by difficulty ``d``
+    (``g(sd, lim)`` draws the clipped normal jitter of ``render_face``)."""
     out = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_AREA).astype(np.float32)
-    # lighting: global gain, directional gradient, colour cast
     ang = rng.uniform(0, 2 * math.pi)
     gx, gy = _light_grid()
     grad = 1 + abs(g(0.25, 0.5)) * (math.cos(ang) * gx + math.sin(ang) * gy)
