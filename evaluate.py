@@ -8,6 +8,10 @@
 Accuracy is the mean over the 10 folds of the held-out fold accuracy (in %),
 "+-" the population standard deviation of the 10 fold accuracies; the
 threshold is the mean of the 10 best thresholds (squared L2 distance).
+
+The report (eval.json with "schema": "facetrain-eval/1", eval.md, roc_<checkpoint>.png) goes to
+--report DIR, by default the first checkpoint's folder; an eval.json there that this script did
+not write (a training record, another tool's file) is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -28,18 +32,18 @@ from backbones.weights import describe_backbone, mismatch_report, state_dict_of
 from config import ConfigError, check_range
 from engine.distributed import resolve_device
 from evaluation.embed import TTA_MODES
-from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
-from utils.atomic import write_atomic, write_json, write_text
+from evaluation.report import (
+    check_report_dir,
+    checkpoint_row,
+    console_text,
+    format_table,  # noqa: F401 (tests/test_cli_errors.py imports it from here)
+    write_report,
+)
+from evaluation.targets import Target, evaluate_targets, load_targets, mean_accuracy
+from utils.atomic import write_atomic
 from utils.errors import fail, user_errors
-from utils.plots import plot_roc
 from utils.runtime import keep_freed_memory
 from utils.torchfile import CheckpointError, check_finite, load_file, sha256_file
-from utils.version import code_version
-
-PROTOCOL = ("10-fold verification (insightface protocol): embedding = L2-normalise(e(x) + e(flip x)) for tta=sum; "
-            "squared L2 distance; 10 contiguous folds; per fold the threshold in 0.00..3.99 (step 0.01) maximising "
-            "accuracy on the other 9 folds ('same' if dist < threshold, first maximum on ties) is applied to the "
-            "held-out fold. accuracy = mean of the 10 fold accuracies (%), +- = their population std (ddof=0).")
 
 
 @dataclass
@@ -58,20 +62,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(with --backbone)")
     p.add_argument("--data", required=True, help="folder holding the .bin verification files")
     p.add_argument("--targets", default="", help="comma-separated targets (default: every .bin in --data)")
-    p.add_argument("--tta", default="sum", choices=TTA_MODES.names(),
+    p.add_argument("--tta", default="sum", choices=sorted(TTA_MODES),
                    help="flip test-time augmentation: sum = normalise(e(x)+e(flip x)) (the published protocol), "
                         "concat = normalise([e(x), e(flip x)]) (Face_Pytorch), none = normalise(e(x))")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", action="store_true", help="bf16 (CPU) / fp16 (CUDA) backbone")
-    p.add_argument("--backbone", default="", help="architecture of foreign weights (e.g. ir_se50, iresnet100)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per forward pass (flip TTA runs two passes per batch)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true",
+                   help="run the backbone under autocast with training's --amp rule: bf16 where the device "
+                        "computes it natively (CPUs, NVIDIA Ampere and newer), else fp16; embeddings are "
+                        "combined and scored in float64 either way")
+    p.add_argument("--backbone", default="",
+                   help="architecture of foreign weights (e.g. ir_se50, iresnet100); for a train.py "
+                        "checkpoint it replaces the architecture the checkpoint records")
     p.add_argument("--embedding-size", type=int, default=512, help="embedding size of foreign weights")
     p.add_argument("--input-order", default="", choices=("", "rgb", "bgr"),
                    help="channel order the weights were trained on (default: from the checkpoint, else rgb)")
     p.add_argument("--report", default="", metavar="DIR",
-                   help="where eval.json is written (default: the first checkpoint's folder)")
+                   help="where eval.json, eval.md and roc_*.png are written (default: the first checkpoint's folder); "
+                        "an eval.json there that evaluate.py did not write is refused, not overwritten")
     p.add_argument("--save-embeddings", default="", metavar="DIR",
-                   help="write <target>.npy normalised embeddings and <target>_issame.npy here")
+                   help="write <target>.npy (normalised float64 embeddings) and <target>_issame.npy here; "
+                        "with several checkpoints, into DIR/<checkpoint name>/")
     p.add_argument("--cache-dir", default="default", metavar="DIR",
                    help="where decoded .bin sets are kept, keyed by the file's sha256, so later runs skip decoding "
                         "(default: $FACETRAIN_CACHE, else ~/.cache/facetrain; about 450 MB per 6000-pair set)")
@@ -129,61 +141,6 @@ def load_model(path: str, args: argparse.Namespace) -> LoadedModel:
     return LoadedModel(os.path.relpath(path), path, model, name, order)
 
 
-def format_table(rows: List[Dict[str, Any]], targets: List[str], missing: List[str]) -> str:
-    """Markdown-style table: one row per checkpoint, accuracy % mean +- std per target, mean.
-
-    A set whose accuracy measures nothing (all pairs one label) is marked ``(!)`` and explained under the table.
-    """
-    header = ["checkpoint"] + targets + missing + ["mean"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    warnings: Dict[str, str] = {}
-    for row in rows:
-        cells = [row["label"]]
-        for t in targets:
-            r = row["results"][t]
-            mark = " (!)" if r.get("warning") else ""
-            if mark:
-                warnings[t] = r["warning"]
-            cells.append(f"{100 * r['accuracy']:.2f} +- {100 * r['accuracy_std']:.2f}{mark}")
-        cells += ["missing"] * len(missing)
-        cells.append(f"{100 * row['mean_accuracy']:.2f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    if warnings:
-        lines += [""] + [f"(!) {t}: {w}; its accuracy does not measure the model" for t, w in warnings.items()]
-    return "\n".join(lines)
-
-
-DETAIL_COLUMNS = ("threshold", "VAL@FAR=1e-3", "TAR@FAR=1e-4", "TAR@FAR=1e-3", "TAR@FAR=1e-2", "AUC", "EER", "XNorm")
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}"
-
-
-def format_details(row: Dict[str, Any], targets: List[str]) -> str:
-    """Per-set table of one checkpoint: every metric besides accuracy (rates in %)."""
-    lines = ["| set | " + " | ".join(DETAIL_COLUMNS) + " |", "|" + "---|" * (len(DETAIL_COLUMNS) + 1)]
-    for t in targets:
-        r = row["results"][t]
-        tar = r["tar_at_far"]
-        cells = [t, f"{r['best_threshold']:.3f}", f"{_pct(r['val'])} +- {_pct(r['val_std'])}",
-                 _pct(tar.get("0.0001")), _pct(tar.get("0.001")), _pct(tar.get("0.01")),
-                 "n/a" if r["auc"] is None else f"{r['auc']:.4f}", _pct(r["eer"]),
-                 "n/a" if r["xnorm"] is None else f"{r['xnorm']:.4g}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-HOW_TO_READ = (
-    "How to read: accuracy cells are the mean over 10 folds of the held-out fold accuracy, in %, "
-    "+- the population std of those 10 values (spread between folds, not a confidence interval). "
-    "threshold: mean of the 10 chosen squared-L2 distance thresholds (0-4). VAL@FAR=1e-3: fold-wise "
-    "true accept rate at the threshold where the training folds falsely accept 0.1% of different pairs. "
-    "TAR@FAR: true accept rate over all pairs at that false accept rate (with a few hundred different "
-    "pairs, FAR=1e-4 means accepting none of them). AUC/EER: all-pairs ROC. XNorm: mean L2 norm of the raw "
-    "embeddings (insightface's number; a collapsing or exploding norm flags a broken run).")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     keep_freed_memory()
@@ -212,6 +169,8 @@ def check_args(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     device = check_args(args)
     paths = expand_checkpoints(args.checkpoints)
+    report_dir = args.report or os.path.dirname(os.path.abspath(paths[0]))
+    check_report_dir(report_dir)  # a foreign eval.json is refused before any work
     first = load_model(paths[0], args)  # a bad checkpoint fails before minutes of decoding
     names = [t for t in args.targets.split(",") if t] or None
     targets = load_targets(args.data, names, progress=not args.no_progress,
@@ -227,47 +186,25 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_targets(lm.model, targets.targets, batch_size=args.batch_size, device=device,
                                    tta=args.tta, amp=args.amp, progress=not args.no_progress,
                                    embeddings_out=embeddings if args.save_embeddings else None)
-        row = {"label": lm.label, "path": os.path.abspath(path), "sha256": sha256_file(path),
-               "backbone": lm.backbone, "channel_order": lm.channel_order,
-               "mean_accuracy": mean_accuracy(results), "results": {k: r.to_dict() for k, r in results.items()}}
-        rows.append(row)
+        rows.append(checkpoint_row(lm.label, path, sha256_file(path), lm.backbone, lm.channel_order,
+                                   mean_accuracy(results), results))
         if args.save_embeddings:
-            out = args.save_embeddings if len(paths) == 1 else os.path.join(
-                args.save_embeddings, os.path.splitext(os.path.basename(path))[0])
-            os.makedirs(out, exist_ok=True)
-            for t in targets.targets:
-                write_atomic(os.path.join(out, f"{t.name}.npy"), lambda tmp, e=embeddings[t.name]: _save_npy(tmp, e))
-                write_atomic(os.path.join(out, f"{t.name}_issame.npy"), lambda tmp, s=t.issame: _save_npy(tmp, s))
-    table = format_table(rows, target_names, targets.missing)
-    print(f"\nverification accuracy (%) on {args.data}, tta={args.tta}: mean +- std over 10 folds")
-    print(table)
-    for row in rows:
-        print(f"\n{row['label']}: rates in %")
-        print(format_details(row, target_names))
-    report_dir = args.report or os.path.dirname(os.path.abspath(paths[0]))
-    report = {"protocol": PROTOCOL, "tta": args.tta, "code_version": code_version(),
-              "data": {t.name: {"path": os.path.abspath(t.path), "sha256": t.sha256,
-                                "pairs": int(len(t.issame))} for t in targets.targets},
-              "missing_targets": targets.missing, "checkpoints": rows}
-    write_json(os.path.join(report_dir, "eval.json"), report)
-    write_markdown(os.path.join(report_dir, "eval.md"), table, args, rows, target_names)
-    for row in rows:
-        name = os.path.splitext(os.path.basename(row["path"]))[0]
-        plot_roc({t: row["results"][t] for t in target_names}, os.path.join(report_dir, f"roc_{name}.png"),
-                 title=f"ROC: {row['label']} (tta={args.tta})")
-    print(f"report: {os.path.join(report_dir, 'eval.json')}, eval.md, roc_*.png")
+            save_embeddings(args.save_embeddings if len(paths) == 1 else os.path.join(
+                args.save_embeddings, os.path.splitext(os.path.basename(path))[0]), targets.targets, embeddings)
+    print(console_text(rows, target_names, targets.missing, args.data, args.tta))
+    data_sets = {t.name: {"path": os.path.abspath(t.path), "sha256": t.sha256, "pairs": int(len(t.issame))}
+                 for t in targets.targets}
+    path = write_report(report_dir, rows, data_sets, targets.missing, args.data, args.tta)
+    print(f"report: {path}, eval.md, roc_*.png")
     return 0
 
 
-def write_markdown(path: str, table: str, args: argparse.Namespace, rows: List[Dict[str, Any]],
-                   targets: List[str]) -> None:
-    """The table ready to paste, with what the numbers mean written beside it."""
-    lines = [f"# Verification on `{args.data}` (tta={args.tta})", "", table, "", HOW_TO_READ, "",
-             f"Protocol: {PROTOCOL}", ""]
-    for row in rows:
-        lines += [f"## `{row['label']}`", "", f"{row['backbone']}, {row['channel_order']} input, "
-                  f"sha256 `{row['sha256'][:16]}`; rates in %", "", format_details(row, targets), ""]
-    write_text(path, "\n".join(lines) + "\n")
+def save_embeddings(folder: str, targets: Sequence[Target], embeddings: Dict[str, np.ndarray]) -> None:
+    """<target>.npy (normalised float64 embeddings, 2N rows) and <target>_issame.npy (N bools) in ``folder``."""
+    os.makedirs(folder, exist_ok=True)
+    for t in targets:
+        write_atomic(os.path.join(folder, f"{t.name}.npy"), lambda tmp, e=embeddings[t.name]: _save_npy(tmp, e))
+        write_atomic(os.path.join(folder, f"{t.name}_issame.npy"), lambda tmp, s=t.issame: _save_npy(tmp, s))
 
 
 def _save_npy(path: str, arr: np.ndarray) -> None:

@@ -19,15 +19,6 @@ def normalize(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Horizontally flip each image of a (B,C,H,W) batch with probability 1/2.
-
-    The coin flips come from `generator` on the CPU so a resumed run draws the
-    same flips as an uninterrupted one.
-    """
-    return apply_flips(images, torch.rand(images.shape[0], generator=generator) < 0.5)
-
-
 def apply_flips(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Flip (along the width of a (B,C,H,W) batch) the images where the bool `mask` (B,) is True."""
     mask = mask.to(images.device, non_blocking=True).view(-1, 1, 1, 1)

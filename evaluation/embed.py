@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.transforms import normalize
-from utils.registry import Registry
-
-TTA_MODES = Registry("tta mode")
+from utils.precision import amp_dtype as precision_of
+from utils.registry import UnknownNameError, unknown_name_message
 
 
 class TTAMode(NamedTuple):
@@ -29,9 +28,11 @@ class TTAMode(NamedTuple):
 
 
 # sum: the insightface protocol; concat: Face_Pytorch (twice the dimension); none: no flip
-TTA_MODES.register("sum")(TTAMode(True, lambda e, ef: F.normalize(e + ef, dim=1)))
-TTA_MODES.register("concat")(TTAMode(True, lambda e, ef: F.normalize(torch.cat([e, ef], dim=1), dim=1)))
-TTA_MODES.register("none")(TTAMode(False, lambda e, ef: F.normalize(e, dim=1)))
+TTA_MODES: dict[str, TTAMode] = {
+    "sum": TTAMode(True, lambda e, ef: F.normalize(e + ef, dim=1)),
+    "concat": TTAMode(True, lambda e, ef: F.normalize(torch.cat([e, ef], dim=1), dim=1)),
+    "none": TTAMode(False, lambda e, ef: F.normalize(e, dim=1)),
+}
 
 
 def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -53,6 +54,7 @@ def embed(
     device: str | torch.device = "cpu",
     tta: str = "sum",
     amp: bool = False,
+    amp_dtype: str = "auto",
     progress: bool = False,
     desc: str = "embed",
     return_norms: bool = False,
@@ -65,9 +67,11 @@ def embed(
 
     The model is put in eval mode for the call and restored afterwards; inputs
     follow the model's memory format (convert the model to channels_last
-    before the call to use it). With
-    `amp` the backbone runs in bf16 (CPU) or fp16 (CUDA); the sums and the
-    normalisation are float32.
+    before the call to use it). With `amp` the backbone runs under autocast in
+    the dtype training uses (utils.precision.amp_dtype of ``amp_dtype``: "auto"
+    is bf16 where the device computes it natively, CPUs included, else fp16), so
+    verification during training sees the training's precision; its outputs are
+    cast to float64 before the views are combined and normalised.
 
     TTA modes (``tta``): ``sum`` normalise(e(x) + e(flip x)), the published protocol;
     ``concat`` normalise([e(x), e(flip x)]) (Face_Pytorch, twice the dimension);
@@ -76,13 +80,15 @@ def embed(
     With ``return_norms`` also returns the L2 norm of each raw, un-flipped e(x)
     (float64, shape (N,)): the per-image "XNorm" insightface reports.
     """
-    mode: TTAMode = TTA_MODES.get(tta)
+    if tta not in TTA_MODES:
+        raise UnknownNameError(unknown_name_message("tta mode", tta, list(TTA_MODES)))
+    mode = TTA_MODES[tta]
     device = torch.device(device)
+    autocast = (torch.autocast(device.type, dtype=precision_of(amp_dtype, device)) if amp
+                else contextlib.nullcontext())
     was_training = model.training
     model.eval()
     channels_last = _is_channels_last(model)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp else contextlib.nullcontext()
     n = len(images)
     out: list[np.ndarray] = []
     norms: list[np.ndarray] = []

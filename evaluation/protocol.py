@@ -101,20 +101,9 @@ class VerificationResult:
         return out
 
 
-
-
 def _num(x) -> float | None:
     x = float(x)
     return None if np.isnan(x) else x
-
-
-def kfold_indices(n: int, nfolds: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(train, test) index arrays of ``nfolds`` contiguous folds over ``n`` pairs, identical to
-    sklearn ``KFold(nfolds, shuffle=False).split``: the first ``n % nfolds`` folds hold one more."""
-    sizes = _fold_sizes(n, nfolds)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    idx = np.arange(n)
-    return [(np.concatenate([idx[:a], idx[b:]]), idx[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _fold_sizes(n: int, nfolds: int) -> np.ndarray:

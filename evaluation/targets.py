@@ -98,13 +98,17 @@ def load_targets(data_dir: str, names: Sequence[str] | None = None, image_size=(
 
 
 def evaluate_targets(model: nn.Module, targets: Sequence[Target], batch_size: int = 256, device: str = "cpu",
-                     tta: str = "sum", amp: bool = False, progress: bool = False,
+                     tta: str = "sum", amp: bool = False, amp_dtype: str = "auto", progress: bool = False,
                      embeddings_out: Dict[str, np.ndarray] | None = None) -> Dict[str, VerificationResult]:
-    """10-fold verification of `model` on each target (with its XNorm); optionally keep the embeddings."""
+    """10-fold verification of `model` on each target (with its XNorm); optionally keep the embeddings.
+
+    ``amp``/``amp_dtype`` as in embed(): training passes its own --amp/--amp-dtype so verification
+    runs in the training's precision.
+    """
     results: Dict[str, VerificationResult] = {}
     for t in targets:
         emb, norms = embed(model, t.images, batch_size=batch_size, device=device, tta=tta, amp=amp,
-                           progress=progress, desc=t.name, return_norms=True)
+                           amp_dtype=amp_dtype, progress=progress, desc=t.name, return_norms=True)
         if embeddings_out is not None:
             embeddings_out[t.name] = emb
         results[t.name] = evaluate_embeddings(emb, t.issame)

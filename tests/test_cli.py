@@ -72,8 +72,8 @@ def test_train_unknown_backbone_suggests(capsys, tiny_pack, tmp_path):
 def test_evaluate_bin_with_wrong_count(capsys, run_dir, tmp_path):
     with open(tmp_path / "lfw.bin", "wb") as fh:
         pickle.dump(([b"x"] * 3, [True, False]), fh, protocol=4)
-    _one_line_error(capsys, evaluate.main, [run_dir, "--data", str(tmp_path), "--no-progress"],
-                    "evaluate.py: error:", "lfw.bin")
+    _one_line_error(capsys, evaluate.main, [run_dir, "--data", str(tmp_path), "--no-progress",
+                                            "--report", str(tmp_path / "report")], "evaluate.py: error:", "lfw.bin")
 
 
 def test_evaluate_missing_checkpoint(capsys, tiny_pack, tmp_path):

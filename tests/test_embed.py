@@ -59,3 +59,20 @@ def test_return_norms_are_raw_unflipped_norms(net_and_images):
     a, _ = _direct(net, images)
     _, norms = embed(net, images, batch_size=2, tta="sum", return_norms=True)
     np.testing.assert_allclose(norms, np.linalg.norm(a, axis=1), rtol=1e-5)
+
+
+def test_amp_runs_the_backbone_in_the_training_precision(net_and_images):
+    """--amp means utils.precision's rule (bf16 on a CPU), the dtype training's autocast uses."""
+    net, images = net_and_images
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    net.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = net(x).double().numpy()
+    net.train()
+    expected = _l2n(a)
+    got = embed(net, images, batch_size=5, tta="none", amp=True)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert np.abs(got - embed(net, images, batch_size=5, tta="none")).max() > 1e-4  # bf16 did change them
+    np.testing.assert_array_equal(embed(net, images, batch_size=5, tta="none", amp=True, amp_dtype="bf16"), got)
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        embed(net, images, tta="none", amp=True, amp_dtype="fp16")
