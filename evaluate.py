@@ -36,7 +36,6 @@ from evaluation.report import (
     check_report_dir,
     checkpoint_row,
     console_text,
-    format_table,  # noqa: F401 (tests/test_cli_errors.py imports it from here)
     write_report,
 )
 from evaluation.targets import Target, evaluate_targets, load_targets, mean_accuracy

@@ -29,11 +29,16 @@ from evaluation.protocol import (  # noqa: E402
     VAL_THRESHOLDS,
     evaluate_pairs,
     kfold_accuracy,
-    kfold_indices,
     pair_distances,
     threshold_at_far,
 )
 from utils.runtime import keep_freed_memory  # noqa: E402
+
+
+def folds(n: int, nfolds: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index arrays of the protocol's contiguous folds (sklearn KFold without shuffling)."""
+    idx = np.arange(n)
+    return [(np.setdiff1d(idx, test), test) for test in np.array_split(idx, nfolds)]
 
 
 def make_pairs(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +69,7 @@ def loop_accuracy(dist: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> tup
         return float(tp + tn) / d.size
 
     accs, thrs = [], []
-    for train, test in kfold_indices(dist.size, nfolds):
+    for train, test in folds(dist.size, nfolds):
         acc_train = np.array([accuracy(t, dist[train], issame[train]) for t in ACCURACY_THRESHOLDS])
         best = ACCURACY_THRESHOLDS[np.argmax(acc_train)]
         thrs.append(best)
@@ -75,7 +80,7 @@ def loop_accuracy(dist: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> tup
 def loop_val(dist: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> float:
     """The published VAL@FAR=1e-3 search, plainly (4000 thresholds per fold); returns mean VAL."""
     vals = []
-    for train, test in kfold_indices(dist.size, nfolds):
+    for train, test in folds(dist.size, nfolds):
         d_train, s_train = dist[train], issame[train]
         far_train = np.array([np.sum(np.less(d_train, t) & ~s_train) / np.sum(~s_train) for t in VAL_THRESHOLDS])
         threshold = threshold_at_far(far_train, VAL_THRESHOLDS, VAL_FAR_TARGET) if far_train.max() >= 1e-3 else 0.0

@@ -226,7 +226,7 @@ def test_full_disk_is_one_line(tmp_path, tiny_pack, module, limit, argv, needle)
 
 def test_a_one_label_set_is_marked_in_the_table():
     """A set whose pairs are all 'same' scores high for any model: its cell is marked and explained."""
-    from evaluate import format_table
+    from evaluation.report import format_table
 
     res = {"accuracy": 0.95, "accuracy_std": 0.05, "warning": "all 20 pairs are 'same'"}
     ok = {"accuracy": 0.9, "accuracy_std": 0.1, "warning": None}
