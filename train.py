@@ -6,7 +6,8 @@
 
 Every Config field is a flag (see --help); `--config FILE` reads YAML or Python.
 The run directory receives config.json, checkpoint.pt (resume), backbone.pt
-(weights for evaluate.py), best.pt, eval.json, history.json, loss.png, tb/.
+(weights for evaluate.py), best.pt, verification.json (the latest verification report),
+history.json, loss.png, train.log, tb/.
 """
 
 from __future__ import annotations
@@ -15,21 +16,21 @@ import argparse
 import contextlib
 import os
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 import backbones
 import heads
 import losses
-from backbones.weights import save_backbone
-from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config, to_dict
-from data.dataset import build_dataset
+from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config
+from data.dataset import FaceDataset, build_dataset
 from engine import distributed as dist_utils
 from engine.checkpoint import load_training_checkpoint, numbered_checkpoints, resumable_checkpoint
 from engine.distributed import DistInfo
+from engine.objective import DenseLoss, Objective
+from engine.runlog import RunLog
 from engine.trainer import Trainer
 from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from heads.base import deferred_centres
@@ -116,17 +117,6 @@ def make_evaluator(cfg: Config, device: torch.device, log) -> Any:
                 "missing": list(targets.missing)}
 
     return evaluator
-
-
-def make_logger(output_dir: str):
-    path = os.path.join(output_dir, "train.log")
-
-    def log(msg: str) -> None:
-        tqdm.write(msg)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(msg + "\n")
-
-    return log
 
 
 def list_parts() -> None:
@@ -238,31 +228,53 @@ def describe_amp(cfg: Config, device: torch.device) -> str:
     return "bf16" if dtype == torch.bfloat16 else "fp16 + GradScaler"
 
 
-def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.device) -> int:
-    state = None
+def resumed(cfg: Config, given: Dict[str, Any], world_size: int) -> Tuple[Config, Dict[str, Any] | None]:
+    """The config to run and the checkpoint to resume from (None: a fresh start).
+
+    Resuming: the saved run's config with what was typed now on top (e.g. more --epochs),
+    ``resume`` set to the checkpoint read and ``output`` to its run (unless typed).
+    """
     source = resume_source(cfg)
-    if source:
-        state = load_training_checkpoint(source)
-        # the resumed run's config, with what was typed now on top (e.g. more --epochs)
-        cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
-                              {**given, "resume": source})
-        if "output" not in given:
-            cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
-                                        else os.path.dirname(os.path.abspath(source))})
-        cfg = keep_global_batch(cfg, state, given, info.world_size)
-    if info.is_main:  # rank 0 alone: the others would race its own writes (torchrun stops them if it fails)
-        check_output(cfg, source)
-        if cfg.overwrite and not source:  # the old run's numbered checkpoints would outrank (and prune) the new
-            for _, old in numbered_checkpoints(cfg.output):
-                os.remove(old)
-    precision = describe_amp(cfg, device)
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed 112x112 inputs: let cuDNN pick the fastest kernels
+    if not source:
+        return cfg, None
+    state = load_training_checkpoint(source)
+    cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
+                          {**given, "resume": source})
+    if "output" not in given:
+        cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
+                                    else os.path.dirname(os.path.abspath(source))})
+    return keep_global_batch(cfg, state, given, world_size), state
+
+
+def claim_output(cfg: Config, resuming: bool) -> None:
+    """Rank 0 alone (the others would race its writes): refuse another run's --output; with --overwrite of
+    a fresh start, remove the old run's numbered checkpoints (they would outrank, and prune, the new)."""
+    check_output(cfg, cfg.resume if resuming else "")
+    if cfg.overwrite and not resuming:
+        for _, old in numbered_checkpoints(cfg.output):
+            os.remove(old)
+
+
+def open_run_log(cfg: Config, info: DistInfo) -> RunLog:
+    """The run's log (train.log, progress, TensorBoard, history); rank 0 creates the run directory."""
     if info.is_main:
         os.makedirs(cfg.output, exist_ok=True)
-    log = make_logger(cfg.output) if info.is_main else (lambda msg: None)
+    return RunLog(cfg.output, main=info.is_main, progress=cfg.progress)
 
+
+def build_objective(cfg: Config, head: nn.Module, criterion: nn.Module, info: DistInfo) -> Objective:
+    """The head and loss as the trainer sees them: sharded over the processes (--partial-fc) or dense."""
+    if not cfg.partial_fc:
+        return DenseLoss(head, criterion)
+    try:
+        return PartialFC(head, criterion, sample_rate=cfg.sample_rate, rank=info.rank, world_size=info.world_size,
+                         seed=cfg.seed)
+    except (TypeError, ValueError) as exc:  # e.g. a head with a bias, a loss without from_sample_ce
+        raise ConfigError(f"--partial-fc: {exc}") from None
+
+
+def build_parts(cfg: Config, info: DistInfo, log: RunLog) -> Tuple[FaceDataset, nn.Module, Objective]:
+    """Data, backbone and objective, in the order that draws the seeded initial weights."""
     dataset = build_dataset(cfg.data, decode=not cfg.decode_on_device)
     for src, off in zip(dataset.sources, dataset.label_offsets):
         log(f"data: {src.path}: {len(src)} images, {src.num_classes} classes (labels from {int(off)})")
@@ -271,48 +283,52 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
         head = build_head(cfg, dataset.num_classes)
     criterion = build_loss(cfg)
     check_batch_fits(cfg, len(dataset), info.world_size)
-    if cfg.partial_fc:
-        try:
-            head = PartialFC(head, criterion, sample_rate=cfg.sample_rate, rank=info.rank,
-                             world_size=info.world_size, seed=cfg.seed)
-        except (TypeError, ValueError) as exc:  # e.g. a head with a bias, a loss without from_sample_ce
-            raise ConfigError(f"--partial-fc: {exc}") from None
-    data_parallel = (not info.distributed and device.type == "cuda" and cfg.data_parallel
-                     and torch.cuda.device_count() > 1 and device.index is None)
-    n_params = sum(p.numel() for p in model.parameters()) / 1e6
-    pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
-    log(f"model: {cfg.backbone} ({n_params:.2f}M params, {cfg.input_order} input), head {cfg.head} "
-        f"({dataset.num_classes} classes{pfc}), "
-        f"loss {cfg.loss}, device {device}, amp {precision}")
-    if info.is_main:
-        save_config(cfg, os.path.join(cfg.output, "config.json"))
+    return dataset, model, build_objective(cfg, head, criterion, info)
 
-    def write_backbone(m: nn.Module, path: str) -> None:
-        save_backbone(path, m.state_dict(), cfg.backbone, cfg.embedding_size, cfg.input_order, to_dict(cfg))
 
-    evaluator = make_evaluator(cfg, device, log) if info.is_main else None
-    trainer = Trainer(cfg, model, head, criterion, dataset, device, cfg.output, evaluator=evaluator,
-                      save_backbone=write_backbone, log=log, dist_info=info, data_parallel=data_parallel)
-    if state is not None:
-        trainer.load_state_dict(state)
-        log(f"resumed from {cfg.resume} at step {trainer.step} (saved by {state.get('world_size', 1)} process(es))")
-    elif cfg.save_init and info.is_main:
-        write_backbone(trainer.model, os.path.join(cfg.output, "backbone_init.pt"))
-    if data_parallel:
-        log(f"note: DataParallel over {torch.cuda.device_count()} GPUs in one process; "
-            f"torchrun --nproc_per_node={torch.cuda.device_count()} train.py ... is faster")
-    where = f"{info.world_size} process(es)" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
-    log(f"batch {cfg.batch_size} per process x {where} = {trainer.global_batch} images/step, "
-        f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
-    stopped = trainer.fit(to_dict(cfg))
-    if stopped is not None:
-        return 128 + int(stopped)  # the shell's convention for "ended by signal N"
+def report_end(trainer: Trainer, cfg: Config, log: RunLog) -> None:
+    """What the finished run left behind, and what it had to skip."""
     if trainer.skipped:
         log(f"warning: {trainer.skipped} undecodable images were skipped")
     if trainer.bad_steps:
         log(f"warning: {trainer.bad_steps} optimizer steps were skipped (non-finite loss, gradient or lr)")
     log(f"done: {cfg.output}/backbone.pt (best mean verification accuracy "
         f"{100 * trainer.best:.2f}%)" if trainer.best > -1 else f"done: {cfg.output}/backbone.pt")
+
+
+def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.device) -> int:
+    cfg, state = resumed(cfg, given, info.world_size)
+    if info.is_main:
+        claim_output(cfg, resuming=state is not None)
+    precision = describe_amp(cfg, device)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 112x112 inputs: let cuDNN pick the fastest kernels
+    log = open_run_log(cfg, info)
+    dataset, model, objective = build_parts(cfg, info, log)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
+    log(f"model: {cfg.backbone} ({n_params:.2f}M params, {cfg.input_order} input), head {cfg.head} "
+        f"({dataset.num_classes} classes{pfc}), loss {cfg.loss}, device {device}, amp {precision}")
+    if info.is_main:
+        save_config(cfg, os.path.join(cfg.output, "config.json"))
+    evaluator = make_evaluator(cfg, device, log) if info.is_main else None
+    trainer = Trainer(cfg, model, objective, dataset, device, evaluator=evaluator, run_log=log, dist_info=info)
+    if state is not None:
+        trainer.load_state_dict(state)
+        log(f"resumed from {cfg.resume} at step {trainer.step} (saved by {state.get('world_size', 1)} process(es))")
+    elif cfg.save_init and info.is_main:
+        trainer.save_backbone("backbone_init.pt")
+    if trainer.data_parallel:
+        log(f"note: DataParallel over {torch.cuda.device_count()} GPUs in one process; "
+            f"torchrun --nproc_per_node={torch.cuda.device_count()} train.py ... is faster")
+    where = f"{info.world_size} process(es)" + (f" x grad_accum {cfg.grad_accum}" if cfg.grad_accum > 1 else "")
+    log(f"batch {cfg.batch_size} per process x {where} = {trainer.global_batch} images/step, "
+        f"{trainer.steps_per_epoch} steps/epoch, {trainer.total_steps} steps in all")
+    stopped = trainer.fit()
+    if stopped is not None:
+        return 128 + int(stopped)  # the shell's convention for "ended by signal N"
+    report_end(trainer, cfg, log)
     return 0
 
 

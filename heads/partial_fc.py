@@ -351,6 +351,34 @@ class PartialFC(nn.Module):
             state_dict[prefix + "weight"] = self.shard_rows(full)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    # ------------------------------------------------------------------ the trainer's surface
+    # (the same methods as engine/objective.py's DenseLoss: the training loop treats every head alike)
+    replica = None  # nothing runs under DDP: the centres are sharded, not replicated
+
+    def loss(self, embeddings: Tensor, out: Any, labels: Tensor) -> Tensor:
+        """The loss of the global batch (``out``, a replica's output, is unused: there is no replica)."""
+        return self(embeddings, labels)
+
+    def sharded_parameters(self) -> list[nn.Parameter]:
+        """``weight`` when it is split over several ranks (its gradient and momentum differ per rank)."""
+        return [self.weight] if self.world_size > 1 else []
+
+    def checkpoint_state(self, group: Any = None) -> dict:
+        """{"head": state_dict with the full centre matrix, "criterion": ...}: world-size independent.
+
+        Collective (every rank calls it); under several ranks only rank 0's ``weight`` is the
+        full matrix (gathered through ``group``, e.g. a gloo group: host memory, not a GPU).
+        """
+        head = self.state_dict()
+        if self.world_size > 1:
+            head["weight"] = self.full_weight_state(dst=0, group=group)
+        return {"head": head, "criterion": self.criterion.state_dict()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore :meth:`checkpoint_state` written at any world size (full centres are re-sharded)."""
+        self.load_state_dict(state["head"])
+        self.criterion.load_state_dict(state.get("criterion", {}))
+
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, classes=[{self.start}, {self.end}), sample_rate={self.sample_rate}, "
                 f"rank={self.rank}, world_size={self.world_size}, seed={self.seed}")

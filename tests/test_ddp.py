@@ -20,7 +20,9 @@ from config import build_config
 from data.dataset import build_dataset
 from engine import distributed as dist_utils
 from engine.checkpoint import load_training_checkpoint
+from engine.objective import DenseLoss
 from engine.trainer import Trainer
+from heads.partial_fc import PartialFC
 from tests.distributed import run_ranks
 from tests.small_nets import NoBNNet
 
@@ -32,7 +34,7 @@ def make_trainer(pack, out, partial_fc=False, world_size=1, rank=0, timeout_minu
     """A trainer as train.py wires it, on NoBNNet; same seed -> same initial weights everywhere."""
     cfg = build_config(overrides=dict(dict(batch_size=8, lr=0.2, epochs=4, num_workers=0, progress=False,
                                            log_every=1, seed=3, eval_every=-1, save_every=-1, grad_clip=0.0,
-                                           channels_last=False, weight_decay=5e-4), **over))
+                                           channels_last=False, weight_decay=5e-4, output=str(out)), **over))
     info, device = dist_utils.init("cpu", timeout_minutes)
     assert (info.rank, info.world_size) == (rank, world_size)
     torch.manual_seed(0)
@@ -40,11 +42,9 @@ def make_trainer(pack, out, partial_fc=False, world_size=1, rank=0, timeout_minu
     model = NoBNNet(32)
     head = heads.build("arcface", 32, ds.num_classes, s=16.0, m=0.3)
     criterion = losses.build("cross_entropy")
-    if partial_fc:
-        from heads.partial_fc import PartialFC
-
-        head = PartialFC(head, criterion, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
-    return Trainer(cfg, model, head, criterion, ds, device, str(out), log=lambda m: None, dist_info=info), cfg
+    objective = (PartialFC(head, criterion, rank=info.rank, world_size=info.world_size, seed=cfg.seed)
+                 if partial_fc else DenseLoss(head, criterion))
+    return Trainer(cfg, model, objective, ds, device, dist_info=info), cfg
 
 
 def weights(tr):
@@ -58,7 +58,7 @@ def assert_same(a, b):
 
 def _ddp_steps(rank, world_size, pack, out, batch, steps, partial_fc):
     tr, _ = make_trainer(pack, out, partial_fc, world_size, rank, batch_size=batch, max_steps=steps)
-    tr.fit({})
+    tr.fit()
     return weights(tr), tr.history["loss"]
 
 
@@ -66,16 +66,16 @@ def _ddp_steps(rank, world_size, pack, out, batch, steps, partial_fc):
 def test_two_ranks_equal_one_process_with_twice_the_batch(tiny_pack, tmp_path, partial_fc):
     (w2, loss2), _ = run_ranks(_ddp_steps, 2, tiny_pack, str(tmp_path / "ddp"), 6, 3, partial_fc, init_group=False)
     tr, _ = make_trainer(tiny_pack, tmp_path / "one", partial_fc, batch_size=12, max_steps=3)
-    tr.fit({})
+    tr.fit()
     assert_same(w2, weights(tr))
     torch.testing.assert_close(torch.tensor(loss2), torch.tensor(tr.history["loss"]), atol=1e-5, rtol=1e-5)
 
 
 def test_accumulating_two_micro_batches_equals_one_double_batch(tiny_pack, tmp_path):
     acc, _ = make_trainer(tiny_pack, tmp_path / "acc", batch_size=6, grad_accum=2, max_steps=3)
-    acc.fit({})
+    acc.fit()
     one, _ = make_trainer(tiny_pack, tmp_path / "one", batch_size=12, max_steps=3)
-    one.fit({})
+    one.fit()
     assert acc.total_steps == one.total_steps and acc.steps_per_epoch == one.steps_per_epoch
     assert_same(weights(acc), weights(one))
     assert acc.optimizer.param_groups[0]["lr"] == one.optimizer.param_groups[0]["lr"]
@@ -83,20 +83,20 @@ def test_accumulating_two_micro_batches_equals_one_double_batch(tiny_pack, tmp_p
 
 def _save_at(rank, world_size, pack, out, batch, stop_at):
     tr, _ = make_trainer(pack, out, True, world_size, rank, batch_size=batch, max_steps=3)
-    tr.fit({}, stop_at=stop_at)
+    tr.fit(stop_at=stop_at)
 
 
 def _resume_then_step(rank, world_size, pack, out, batch):
     tr, _ = make_trainer(pack, out, True, world_size, rank, batch_size=batch, max_steps=3)
     tr.load_state_dict(load_training_checkpoint(out))
-    tr.fit({})
+    tr.fit()
     return tr.history["loss"][-1], weights(tr)
 
 
 def test_checkpoints_move_between_world_sizes(tiny_pack, tmp_path):
     """Partial FC centres saved by 2 ranks resume in 1 process, and the other way round."""
     ref, _ = make_trainer(tiny_pack, tmp_path / "ref", True, batch_size=12, max_steps=3)
-    ref.fit({})
+    ref.fit()
     run_ranks(_save_at, 2, tiny_pack, str(tmp_path / "two"), 6, 2, init_group=False)
     loss, w = _resume_then_step(0, 1, tiny_pack, str(tmp_path / "two"), 12)
     assert abs(loss - ref.history["loss"][-1]) < 1e-5
@@ -118,7 +118,7 @@ def _sigterm_at_step_2(rank, world_size, pack, out):
         return step(micro)
 
     tr.train_step = train_step
-    return tr.fit({}), tr.step
+    return tr.fit(), tr.step
 
 
 def test_sigterm_stops_every_rank_with_a_checkpoint_that_resumes_exactly(tiny_pack, tmp_path):
@@ -127,9 +127,9 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_that_resumes_exactly(tiny_pa
     assert load_training_checkpoint(str(tmp_path / "run"))["step"] == 2
     resumed, _ = make_trainer(tiny_pack, tmp_path / "run", True, batch_size=12, max_steps=5)
     resumed.load_state_dict(load_training_checkpoint(str(tmp_path / "run")))
-    resumed.fit({})
+    resumed.fit()
     straight, _ = make_trainer(tiny_pack, tmp_path / "straight", True, batch_size=12, max_steps=5)
-    straight.fit({})
+    straight.fit()
     assert_same(weights(resumed), weights(straight))
 
 
@@ -145,15 +145,15 @@ def _slow_evaluation(rank, world_size, pack, out):
 
     # the process group's timeout (1.5 s) is shorter than the evaluation (3 s)
     tr, _ = make_trainer(pack, out, False, world_size, rank, 0.025, batch_size=6, max_steps=2, eval_every=1)
-    tr.evaluator = evaluator if rank == 0 else None
-    tr.fit({})
+    tr.evaluator = evaluator if rank == 0 else None  # as train.py builds it: on rank 0 only
+    tr.fit()
     return calls, tr.step
 
 
 def test_rank0_evaluates_while_the_others_wait(tiny_pack, tmp_path):
     results = run_ranks(_slow_evaluation, 2, tiny_pack, str(tmp_path / "run"), init_group=False)
     assert results == [([0, 0], 2), ([], 2)]
-    assert os.path.isfile(tmp_path / "run" / "eval.json")
+    assert os.path.isfile(tmp_path / "run" / "verification.json")
 
 
 def test_torchrun_cli_two_processes(tiny_pack, tmp_path):

@@ -1,0 +1,128 @@
+"""One run log: what a training run tells people, and where.
+
+Owns the run directory's record of training: train.log (every line, also printed above the
+progress bar), the progress bar, TensorBoard scalars (tb/), history.json and loss.png (losses,
+learning rates, skipped steps, per-evaluation summaries) and verification.json (the latest
+verification report in full). Only rank 0 writes or prints; on the other ranks every method
+still keeps ``history`` (it goes into the checkpoint) but shows and writes nothing.
+
+The name eval.json belongs to evaluate.py (its schema, its report folder): training never
+writes it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+from tqdm import tqdm
+
+from utils.atomic import write_json
+from utils.plots import plot_loss
+
+VERIFICATION = "verification.json"
+
+
+def new_history() -> Dict[str, List[Any]]:
+    """Per logged step: ``step``, mean ``loss``, ``lr``; ``eval``: one summary per evaluation;
+    ``bad_steps``: the steps skipped for a non-finite value."""
+    return {"step": [], "loss": [], "lr": [], "eval": [], "bad_steps": []}
+
+
+class RunLog:
+    """The run's log lines, progress bar, TensorBoard and history files under ``output`` (rank 0: ``main``).
+
+    ``progress`` False: plain lines instead of a bar (logs and pipes). TensorBoard and the bar
+    exist between :meth:`open` and :meth:`close` (a run's ``fit``); lines and files work any time.
+    """
+
+    def __init__(self, output: str, main: bool = True, progress: bool = True) -> None:
+        self.output, self.main, self.progress = output, main, progress
+        self.history = new_history()
+        self._bar: tqdm | None = None
+        self._tb: Any = None
+
+    def __call__(self, msg: str) -> None:
+        """Print ``msg`` (above the bar) and append it to train.log (rank 0)."""
+        if not self.main:
+            return
+        tqdm.write(msg)
+        with open(os.path.join(self.output, "train.log"), "a", encoding="utf-8") as fh:
+            fh.write(msg + "\n")
+
+    def restore(self, history: Dict[str, List[Any]] | None) -> None:
+        """Continue the history of a resumed run (a checkpoint's ``history``)."""
+        if history is not None:
+            self.history = history
+        self.history.setdefault("bad_steps", [])
+
+    # ------------------------------------------------------------------ the run
+    def open(self, total_steps: int, step: int) -> None:
+        """Start the bar at ``step`` of ``total_steps`` and open TensorBoard (rank 0)."""
+        if self.main:
+            os.makedirs(self.output, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter  # heavy: imported when a run starts
+
+            self._tb = SummaryWriter(os.path.join(self.output, "tb"))
+        self._bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+                         disable=not (self.progress and self.main), dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def stepped(self) -> None:
+        """One optimizer step done (the bar moves)."""
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def window(self, step: int, total_steps: int, epoch: int, loss: float, lr: float, img_per_s: float) -> None:
+        """The mean loss, lr and global throughput of the steps since the last window (rank 0 calls it)."""
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{img_per_s:.0f}", epoch=epoch)
+        if not self.progress:
+            self(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.5g} {img_per_s:.1f} img/s")
+        for k, v in (("step", step), ("loss", loss), ("lr", lr)):
+            self.history[k].append(v)
+        self._scalars(step, {"train/loss": loss, "train/lr": lr, "train/img_per_s": img_per_s})
+
+    def bad_step(self, step: int, count: int) -> None:
+        """Step ``step`` was skipped; ``count`` skipped so far in the run."""
+        self.history["bad_steps"].append(step)
+        self._scalars(step, {"train/bad_steps": count})
+
+    def evaluation(self, step: int, report: Dict[str, Any]) -> None:
+        """Record a verification report: history's summary, TensorBoard, verification.json, one line."""
+        results = report.get("results", {})
+        acc = report.get("mean_accuracy", float("nan"))
+        self.history["eval"].append({"step": step, "mean_accuracy": acc,
+                                     "accuracy": {k: v["accuracy"] for k, v in results.items()}})
+        scalars = {"eval/mean_accuracy": acc}
+        for name, res in results.items():
+            values = {k: v for k, v in res.items() if isinstance(v, (int, float)) and k != "num_pairs"}
+            values.update({f"tar@far={k}": v for k, v in res.get("tar_at_far", {}).items() if v is not None})
+            scalars.update({f"{name}/{metric}": value for metric, value in values.items()})
+        self._scalars(step, scalars)
+        if not self.main:
+            return
+        write_json(os.path.join(self.output, VERIFICATION), dict(report, step=step))
+        norms = [v["xnorm"] for v in results.values() if v.get("xnorm") is not None]
+        xnorm = f", XNorm {sum(norms) / len(norms):.3g}" if norms else ""
+        self(f"step {step}: verification " + ", ".join(f"{k} {100 * v['accuracy']:.2f}" for k, v in results.items())
+             + f" | mean {100 * acc:.2f}%{xnorm}")
+
+    def write_history(self) -> None:
+        """history.json and loss.png (rank 0): at each save and after each evaluation."""
+        if not self.main:
+            return
+        write_json(os.path.join(self.output, "history.json"), self.history)
+        plot_loss(self.history, os.path.join(self.output, "loss.png"))
+
+    def _scalars(self, step: int, scalars: Dict[str, float]) -> None:
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, step)

@@ -1,0 +1,63 @@
+"""The run log: lines to train.log, history to history.json/loss.png, the latest verification to
+verification.json; other ranks keep the history but write and print nothing."""
+
+import json
+
+from engine.runlog import RunLog
+
+REPORT = {"mean_accuracy": 0.9, "results": {"lfw": {"accuracy": 0.95, "xnorm": 3.0, "num_pairs": 600},
+                                           "cfp_fp": {"accuracy": 0.85, "xnorm": 1.0}}}
+
+
+def test_lines_go_to_the_screen_and_train_log(tmp_path, capsys):
+    log = RunLog(str(tmp_path), progress=False)
+    log("first")
+    log("second")
+    assert (tmp_path / "train.log").read_text() == "first\nsecond\n"
+    assert capsys.readouterr().out == "first\nsecond\n"
+
+
+def test_a_window_without_a_bar_is_a_plain_line_and_a_history_entry(tmp_path):
+    log = RunLog(str(tmp_path), progress=False)
+    log.window(step=20, total_steps=100, epoch=1, loss=2.5, lr=0.05, img_per_s=123.4)
+    assert (tmp_path / "train.log").read_text() == "step 20/100 epoch 1 loss 2.5000 lr 0.05 123.4 img/s\n"
+    assert (log.history["step"], log.history["loss"], log.history["lr"]) == ([20], [2.5], [0.05])
+
+
+def test_an_evaluation_writes_verification_json_and_a_history_summary(tmp_path):
+    log = RunLog(str(tmp_path), progress=False)
+    log.evaluation(7, REPORT)
+    assert json.loads((tmp_path / "verification.json").read_text()) == dict(REPORT, step=7)
+    assert log.history["eval"] == [{"step": 7, "mean_accuracy": 0.9, "accuracy": {"lfw": 0.95, "cfp_fp": 0.85}}]
+    line = "step 7: verification lfw 95.00, cfp_fp 85.00 | mean 90.00%, XNorm 2\n"
+    assert (tmp_path / "train.log").read_text() == line
+    assert not (tmp_path / "eval.json").exists()  # evaluate.py's name and schema
+
+
+def test_history_json_and_loss_png(tmp_path):
+    log = RunLog(str(tmp_path), progress=False)
+    log.window(1, 2, 0, 3.0, 0.1, 10.0)
+    log.bad_step(2, 1)
+    log.write_history()
+    assert json.loads((tmp_path / "history.json").read_text()) == {
+        "step": [1], "loss": [3.0], "lr": [0.1], "eval": [], "bad_steps": [2]}
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_history_continues(tmp_path):
+    log = RunLog(str(tmp_path), progress=False)
+    log.restore({"step": [5], "loss": [1.0], "lr": [0.1], "eval": []})  # written before bad_steps existed
+    log.bad_step(6, 1)
+    assert log.history == {"step": [5], "loss": [1.0], "lr": [0.1], "eval": [], "bad_steps": [6]}
+
+
+def test_other_ranks_keep_history_but_write_nothing(tmp_path, capsys):
+    log = RunLog(str(tmp_path), main=False)
+    log.open(10, 0)
+    log("hidden")
+    log.bad_step(3, 1)
+    log.evaluation(3, REPORT)
+    log.write_history()
+    log.close()
+    assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
+    assert log.history["bad_steps"] == [3] and len(log.history["eval"]) == 1
