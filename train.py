@@ -31,6 +31,7 @@ from engine.checkpoint import load_training_checkpoint, numbered_checkpoints, re
 from engine.distributed import DistInfo
 from engine.objective import DenseLoss, Objective
 from engine.runlog import RunLog
+from engine.schedule import SCHEDULES
 from engine.trainer import Trainer
 from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from heads.base import deferred_centres
@@ -111,7 +112,7 @@ def make_evaluator(cfg: Config, device: torch.device, log) -> Any:
 
     def evaluator(model: nn.Module) -> Dict[str, Any]:
         results = evaluate_targets(model, targets.targets, batch_size=cfg.eval_batch_size, device=str(device),
-                                   tta=cfg.tta, amp=cfg.amp)
+                                   tta=cfg.tta, amp=cfg.amp, amp_dtype=cfg.amp_dtype)
         return {"mean_accuracy": mean_accuracy(results), "tta": cfg.tta,
                 "results": {k: r.to_dict() for k, r in results.items()},
                 "missing": list(targets.missing)}
@@ -151,6 +152,7 @@ def resume_source(cfg: Config) -> str:
 
 def check_values(cfg: Config) -> None:
     """What the per-field ranges (config.check_range) cannot see, as one-line errors before any work starts."""
+    SCHEDULES.get(cfg.scheduler)  # a misspelt --scheduler: did-you-mean now, not when warmup ends
     if not [p for p in cfg.data.split(",") if p.strip()]:
         raise ConfigError(f"--data {cfg.data!r} names no data (a pack folder, a .rec, or an image folder)")
     if cfg.sample_rate < 1.0 and not cfg.partial_fc:

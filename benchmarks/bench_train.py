@@ -38,6 +38,7 @@ import heads  # noqa: E402
 import losses  # noqa: E402
 from backbones.profile import profile  # noqa: E402
 from config import Config, apply_overrides  # noqa: E402
+from engine.objective import DenseLoss  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 MODES = {  # name -> Config overrides
@@ -99,10 +100,9 @@ def ours(name: str, mode: str, args, device: torch.device, images: torch.Tensor,
     """Trainer.train_step on a uint8 batch, in one of MODES."""
     torch.manual_seed(0)
     cfg = apply_overrides(Config(), dict(MODES[mode], backbone=name, batch_size=args.batch_size, lr=0.01,
-                                         grad_clip=5.0, progress=False, num_workers=0))
+                                         grad_clip=5.0, progress=False, num_workers=0, output=os.devnull))
     head = heads.build("arcface", 512, args.classes, s=64.0, m=0.5)
-    trainer = Trainer(cfg, backbones.build(name), head, losses.build("cross_entropy"), _Sized(), device,
-                      output_dir=os.devnull, log=lambda m: None)
+    trainer = Trainer(cfg, backbones.build(name), DenseLoss(head, losses.build("cross_entropy")), _Sized(), device)
     batch = [(images, labels)]
     t_warm = _timed(lambda: trainer.train_step(batch), args.warmup, device)
     seconds = _timed(lambda: trainer.train_step(batch), args.steps, device)

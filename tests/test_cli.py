@@ -23,13 +23,14 @@ def run_dir(tiny_pack, tmp_path_factory):
 
 
 def test_train_writes_the_run_directory(run_dir):
-    for f in ("config.json", "checkpoint.pt", "backbone.pt", "backbone_init.pt", "best.pt", "eval.json",
+    for f in ("config.json", "checkpoint.pt", "backbone.pt", "backbone_init.pt", "best.pt", "verification.json",
               "history.json", "loss.png", "train.log"):
         assert os.path.isfile(os.path.join(run_dir, f)), f
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     assert cfg["backbone"] == "mobilefacenet" and cfg["max_steps"] == 2
-    report = json.load(open(os.path.join(run_dir, "eval.json")))
+    report = json.load(open(os.path.join(run_dir, "verification.json")))
     assert set(report["results"]) == {"lfw", "cfp_fp"}
+    assert not os.path.exists(os.path.join(run_dir, "eval.json")), "eval.json is evaluate.py's alone"
 
 
 def test_evaluate_run_dir_table_and_report(run_dir, tiny_pack, capsys, tmp_path):

@@ -11,6 +11,7 @@ import heads
 import losses
 from config import build_config
 from data.dataset import build_dataset
+from engine.objective import DenseLoss
 from engine.trainer import Trainer
 from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from tests.small_nets import SmallNet
@@ -38,15 +39,15 @@ def test_head_trains(head_name, loss_name, small_pack, tmp_path):
     torch.manual_seed(0)
     cfg = build_config(overrides=dict(batch_size=32, lr=0.1, epochs=10, warmup_epochs=1, num_workers=0,
                                       progress=False, log_every=6, eval_every=-1, save_every=-1,
-                                      channels_last=False))
+                                      channels_last=False, output=str(tmp_path)))
     ds = build_dataset(small_pack)
     targets = load_targets(small_pack).targets
     net = SmallNet()
     head = heads.build(head_name, 64, ds.num_classes, **_head_params(head_name))
     crit = losses.build(loss_name)
     before = mean_accuracy(evaluate_targets(net, targets, batch_size=128))
-    tr = Trainer(cfg, net, head, crit, ds, torch.device("cpu"), str(tmp_path), log=lambda m: None)
-    tr.fit({})
+    tr = Trainer(cfg, net, DenseLoss(head, crit), ds, torch.device("cpu"))
+    tr.fit()
     after = mean_accuracy(evaluate_targets(net, targets, batch_size=128))
     loss = tr.history["loss"]
     assert loss[-1] < loss[0], (head_name, loss)
