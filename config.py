@@ -23,7 +23,9 @@ from typing import Any, Dict, Mapping, Sequence
 import backbones
 import heads
 import losses
+from utils.atomic import write_text
 from utils.errors import UserError
+from utils.files import UnreadableFileError, check_regular, read_regular
 
 
 class ConfigError(UserError, ValueError):
@@ -348,7 +350,6 @@ def load_config_file(path: str) -> Dict[str, Any]:
     with the file (not text, bad syntax, an exception while it runs, not a mapping)
     is one ConfigError naming the file and, where known, the line.
     """
-    from utils.files import UnreadableFileError, check_regular, read_regular  # local: only files need it
 
     try:
         check_regular(path, "config file", MAX_CONFIG_BYTES)
@@ -513,9 +514,5 @@ def from_dict(data: Mapping[str, Any], source: str = "config.json") -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write the resolved config as JSON, atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    os.replace(tmp, path)
+    """Write the resolved config as JSON, atomically (utils.atomic)."""
+    write_text(path, json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")

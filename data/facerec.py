@@ -25,6 +25,7 @@ from tqdm import tqdm
 from data.imageformat import UNKNOWN, image_format
 from data.recordio import IR_SIZE, IRHeader, RecordIOError, RecordReader, RecordWriter, pack_irheader, unpack_irheader
 from data.sources import class_limit
+from utils.atomic import write_text
 from utils.files import read_regular
 
 _FLOAT32_EXACT = 1 << 24  # largest integer range float32 labels hold exactly
@@ -280,8 +281,5 @@ def write_pack(
         head = np.array([n + 1, n + 1 + classes], np.float32)
         writer.overwrite(header_offset, pack_irheader(IRHeader(2, head), b""))
         size = writer.tell()
-    tmp = prop_path + ".tmp"
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write(f"{classes},{image_size[0]},{image_size[1]}\n")
-    os.replace(tmp, prop_path)
+    write_text(prop_path, f"{classes},{image_size[0]},{image_size[1]}\n")
     return {"images": n, "classes": classes, "bytes": size, "rec": rec_path, "idx": idx_path, "property": prop_path}

@@ -31,9 +31,9 @@ def test_other_sizes_are_resized():
 
 def test_training_with_device_decode_matches_worker_decode(tiny_pack, tmp_path):
     a, _ = _trainer(tiny_pack, tmp_path / "a", max_steps=3)
-    a.fit({})
+    a.fit()
     b, _ = _trainer(tiny_pack, tmp_path / "b", max_steps=3)
     b.dataset.decode = False
-    b.fit({})
+    b.fit()
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         torch.testing.assert_close(va, vb, atol=1e-4, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")

@@ -10,44 +10,34 @@ from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside `path`; on success it replaces `path`.
+def atomic_path(path: str, fsync: bool = True) -> Iterator[str]:
+    """Yield a hidden temporary path beside `path` (``.NAME.<pid>.tmp``); on success it replaces `path`.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    With `fsync` the bytes reach the disk before the rename makes them visible (a crash then keeps
+    either the old file or the new one). Without it (for writers of millions of small files, where
+    it would cost hours) a crash can lose the newest files but never leaves a torn one under its
+    name. On an exception the temporary file is removed and `path` is untouched; the temp name is
+    unique per process, so parallel writers do not collide.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         yield tmp
-        with open(tmp, "rb+") as fh:  # flush to disk before the rename makes it visible
-            os.fsync(fh.fileno())
+        if fsync:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
 def write_bytes(path: str, data: bytes, fsync: bool = False) -> None:
-    """Write `data` under a hidden temp name beside `path`, then rename: `path` appears only complete.
-
-    Without `fsync` (the default here, for writers of millions of small files, where it would
-    cost hours) a crash can lose the newest files but never leaves a torn one under its name;
-    the temp name is unique per process, so parallel writers do not collide.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    """Write `data` to `path` atomically (see `atomic_path`; no fsync by default: unpackers write millions)."""
+    with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_atomic(path: str, writer: Callable[[str], Any]) -> None:

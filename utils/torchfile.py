@@ -20,6 +20,7 @@ from typing import Any, Dict, Mapping
 
 import torch
 
+from utils.atomic import atomic_path
 from utils.errors import UserError
 from utils.files import check_regular
 
@@ -60,24 +61,18 @@ def save_file(obj: Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temps(directory)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     sink = _Sink()
     try:
-        with open(tmp, "wb") as f:
-            sink.f = f
-            torch.save(obj, sink)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint (a crash then keeps one)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # fsync, then rename: a crash keeps the old file or the new one
+            with open(tmp, "wb") as f:
+                sink.f = f
+                torch.save(obj, sink)
     except (OSError, RuntimeError) as exc:
         err = sink.error or (exc if isinstance(exc, OSError) else None)
         if err is None or err.errno is None:
             raise
         raise OSError(err.errno, f"{os.strerror(err.errno)}: could not write checkpoint (the previous one is kept)",
                       path) from None
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
 
 
 class _Sink:
