@@ -15,12 +15,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # room -> layer; a module may import its own room and rooms of a lower layer only
 LAYERS = {
     "utils": 0,
-    "backbones": 1, "heads": 1, "losses": 1, "data": 1,
+    "backbones": 1, "heads": 1, "losses": 1, "data": 1, "detection": 1,
     "config": 2,
-    "engine": 3, "evaluation": 3, "prepare": 3,
-    "train": 4, "evaluate": 4, "prepare_data": 4,
+    "engine": 3, "evaluation": 3, "prepare": 3, "inference": 3,
+    "train": 4, "evaluate": 4, "prepare_data": 4, "infer": 4,
 }
-SCRIPTS = {"train", "evaluate", "prepare_data"}
+SCRIPTS = {"train", "evaluate", "prepare_data", "infer"}
 
 
 def modules():
