@@ -108,22 +108,42 @@ def _encode_params(ext: str, jpeg_quality: int) -> List[int]:
     return [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
 
 
+def _check_folders(src: str, out: str) -> None:
+    """SRC a folder, OUT neither SRC nor inside it nor around it (originals must not be overwritten)."""
+    if not os.path.isdir(src):
+        raise AlignError(f"{src}: no such directory (SRC must be a folder of images)")
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_src == real_out:
+        raise AlignError(f"{out}: OUT is SRC (same folder: {real_src}); the originals would be overwritten "
+                         "(choose another OUT)")
+    if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: OUT is inside SRC ({real_src}); choose an OUT outside it")
+    if real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: SRC {src} is inside OUT ({real_out}); aligned files could overwrite the "
+                         "originals: choose an OUT outside it")
+
+
+def _read_image(path: str) -> np.ndarray | str:
+    """The decoded BGR image, or what is wrong with the file (one phrase)."""
+    try:
+        data = read_regular(path, "image", max_image_bytes())
+    except FileNotFoundError:
+        return "no such file"
+    except UnreadableFileError as exc:
+        return str(exc).removeprefix(path + ": ")
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    return "not a decodable image" if img is None else img
+
+
 def _align_one(job: Tuple[str, str, str, Entry, Tuple[int, int], int]) -> str | None:
     """Read, align, encode and atomically write one image; a `file:line: what` problem or None."""
     src, out, lm_path, entry, size, jpeg_quality = job
     where = f"{lm_path}:{entry.line}: {os.path.join(src, entry.path)}"
-    path = os.path.join(src, entry.path)
-    try:
-        data = read_regular(path, "image", max_image_bytes())
-    except FileNotFoundError:
-        return f"{where}: no such file"
-    except UnreadableFileError as exc:
-        return f"{where}: {str(exc).removeprefix(path + ': ')}"
-    except OSError as exc:
-        return f"{where}: unreadable ({exc.strerror or exc})"
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if img is None:
-        return f"{where}: not a decodable image"
+    img = _read_image(os.path.join(src, entry.path))
+    if isinstance(img, str):
+        return f"{where}: {img}"
     ext = os.path.splitext(entry.path)[1].lower()
     try:
         aligned = align_face(img, entry.points, size)
@@ -152,17 +172,7 @@ def align_folder(src: str, out: str, landmarks: str, size: Tuple[int, int] = (11
     """
     from tqdm import tqdm
 
-    if not os.path.isdir(src):
-        raise AlignError(f"{src}: no such directory (SRC must be a folder of images)")
-    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if real_src == real_out:
-        raise AlignError(f"{out}: OUT is SRC (same folder: {real_src}); the originals would be overwritten "
-                         "(choose another OUT)")
-    if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
-        raise AlignError(f"{out}: OUT is inside SRC ({real_src}); choose an OUT outside it")
-    if real_src.startswith(real_out.rstrip(os.sep) + os.sep):
-        raise AlignError(f"{out}: SRC {src} is inside OUT ({real_out}); aligned files could overwrite the "
-                         "originals: choose an OUT outside it")
+    _check_folders(src, out)
     if not 0 <= jpeg_quality <= 100:
         raise AlignError(f"JPEG quality {jpeg_quality} is outside 0..100")
     size = (int(size[0]), int(size[1]))
@@ -197,4 +207,83 @@ def align_folder(src: str, out: str, landmarks: str, size: Tuple[int, int] = (11
         if pool is not None:
             pool.terminate()
     return {"aligned": aligned, "skipped": len(problems), "problems": problems, "listed": len(entries),
+            "size": size, "seconds": time.perf_counter() - t0}
+
+
+class DetectRules(NamedTuple):
+    """How faces are found in raw photos (detection.detect / detection.choose)."""
+
+    face: str = "largest"  # largest | central | all
+    min_face: float = 20.0  # pixels: smallest face side searched for and kept
+    min_score: float = 0.8  # detector probability 0-1 (MTCNN itself keeps >= 0.7)
+
+
+def detect_and_align(img_bgr: np.ndarray, rules: DetectRules, size: Tuple[int, int] = (112, 112)
+                     ) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """[(aligned BGR crop of `size`, its (5, 2) landmarks in the photo's pixels)] for the chosen face(s);
+    empty when no face passes the rules."""
+    import detection
+
+    faces = detection.detect(np.ascontiguousarray(img_bgr[..., ::-1]), min_size=rules.min_face,
+                             min_score=rules.min_score)
+    return [(align_face(img_bgr, f.landmarks, size), f.landmarks)
+            for f in detection.choose(faces, rules.face, img_bgr.shape)]
+
+
+def _numbered(rel: str, k: int) -> str:
+    stem, ext = os.path.splitext(rel)
+    return f"{stem}_{k}{ext}"
+
+
+def detect_folder(src: str, out: str, rules: DetectRules = DetectRules(), size: Tuple[int, int] = (112, 112),
+                  jpeg_quality: int = 95, save_landmarks: str | None = None, progress: bool = True) -> dict:
+    """Find the face(s) in every image under `src`, align them into `out` (same relative paths; with
+    rules.face == 'all', numbered `name_0.jpg`, `name_1.jpg`, ... largest first).
+
+    Images without a face (or unreadable) are returned as one-line problems. `save_landmarks` writes
+    the chosen faces' landmarks in the landmarks-file format, so `align --landmarks FILE` redoes the crops.
+    Returns {'aligned' (crops written), 'images', 'skipped', 'problems', 'seconds', 'size'}.
+    """
+    from tqdm import tqdm
+
+    from utils.atomic import write_text
+
+    _check_folders(src, out)
+    if save_landmarks and rules.face == "all":
+        raise AlignError(f"--save-landmarks {save_landmarks}: a landmarks file holds one face per image; "
+                         "use --face largest or central")
+    if not 0 <= jpeg_quality <= 100:
+        raise AlignError(f"JPEG quality {jpeg_quality} is outside 0..100")
+    size = (int(size[0]), int(size[1]))
+    template(size)
+    t0 = time.perf_counter()
+    rels = list(list_images(src, exclude=out))
+    problems: List[str] = []
+    lines: List[str] = []
+    aligned = 0
+    for rel in tqdm(rels, desc="detect+align", unit="img", disable=not progress, dynamic_ncols=True):
+        path = os.path.join(src, rel)
+        img = _read_image(path)
+        if isinstance(img, str):
+            problems.append(f"{path}: {img}")
+            continue
+        found = detect_and_align(img, rules, size)
+        if not found:
+            problems.append(f"{path}: no face found (min face {rules.min_face:g} px, min score {rules.min_score:g})")
+            continue
+        ext = os.path.splitext(rel)[1].lower()
+        for k, (crop, points) in enumerate(found):
+            target = _numbered(rel, k) if rules.face == "all" else rel
+            ok, buf = cv2.imencode(ext, crop, _encode_params(ext, jpeg_quality))
+            if not ok:
+                problems.append(f"{path}: OpenCV cannot write {ext} files")
+                break
+            os.makedirs(os.path.dirname(os.path.join(out, target)), exist_ok=True)
+            write_bytes(os.path.join(out, target), buf.tobytes())
+            aligned += 1
+            lines.append(rel + " " + " ".join(f"{v:.3f}" for v in points.ravel()) + "\n")
+    if save_landmarks:
+        write_text(save_landmarks, "# path x1 y1 ... x5 y5 (left eye, right eye, nose, left mouth, right mouth; "
+                                   "pixels), written by prepare_data.py align --detect\n" + "".join(lines))
+    return {"aligned": aligned, "images": len(rels), "skipped": len(problems), "problems": problems,
             "size": size, "seconds": time.perf_counter() - t0}
