@@ -155,3 +155,21 @@ def test_pack_detect_packs_raw_photos_and_trains(photos, tmp_path, capsys):
     assert train.main(["--data", str(pack), "--output", str(run), "--batch-size", "4", "--max-steps", "2",
                        "--num-workers", "0", "--no-progress", "--eval-every", "-1", "--embedding-size", "32"]) == 0
     assert (run / "backbone.pt").is_file()
+
+
+def test_make_bin_detect_stores_aligned_faces_and_names_a_faceless_image(photos, tmp_path):
+    from data.bins import load_bin
+    from prepare.align import DetectRules
+    from prepare.pairs import PairsError, make_bin
+
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("ann/0.png ann/1.png 1\nann/0.png ben/0.png 0\n")
+    out = tmp_path / "v.bin"
+    make_bin(str(photos), str(pairs), str(out), progress=False, detect=DetectRules())
+    images, issame = load_bin(str(out))
+    assert list(issame) == [True, False]
+    assert all(cv2.imdecode(np.frombuffer(bytes(b), np.uint8), cv2.IMREAD_COLOR).shape == (112, 112, 3)
+               for b in images)
+    pairs.write_text("ann/0.png ben/empty.png 0\n")
+    with pytest.raises(PairsError, match="empty.png: no face found"):
+        make_bin(str(photos), str(pairs), str(tmp_path / "w.bin"), progress=False, detect=DetectRules())
