@@ -12,6 +12,7 @@ PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt -r requirements-dev.txt
+	$(PIP) --no-deps facenet-pytorch==2.6.0
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,13 +1,7 @@
-"""5-point face alignment: a least-squares similarity onto the ArcFace template, then a warp.
+"""Aligning folders of face images: landmarks files, detection on the fly, the per-image jobs.
 
-Why: every insightface pack and every published result uses faces warped so that the
-eyes, nose tip and mouth corners land on a fixed template (shared/reference/FORMATS.md).
-Coordinates are pixels, x right and y down, pixel centres at integers (OpenCV's
-convention, the one the template was measured in). Points are ordered left eye, right
-eye, nose, left mouth corner, right mouth corner (as seen in the image).
-
-The 112x96 template is the 112x112 one moved 8 px left: insightface's
-``src/common/face_preprocess.py`` stores the 96-wide template and adds 8 to x for 112.
+The geometry (the ArcFace template, Umeyama's similarity fit, the warp) lives in
+detection/align.py, shared with inference/; this module re-exports it for its callers.
 """
 
 from __future__ import annotations
@@ -21,17 +15,10 @@ import cv2
 import numpy as np
 
 from data.sources import IMAGE_EXTENSIONS, DataSourceError
+from detection import align as _core
+from detection.align import ARCFACE_112, TEMPLATES, align_face, similarity_transform  # noqa: F401 (re-exported)
 from utils.atomic import write_bytes
 from utils.files import UnreadableFileError, max_image_bytes, read_regular
-
-ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
-
-# (height, width) -> template points (5, 2) in output pixels
-TEMPLATES: Dict[Tuple[int, int], np.ndarray] = {
-    (112, 112): ARCFACE_112,
-    (112, 96): ARCFACE_112 - np.array([8.0, 0.0]),
-}
 
 _LINE = re.compile(r"^(?P<path>.+?)[\s,]+(?P<nums>(?:[^\s,]+[\s,]+){9}[^\s,]+)[\s,]*$")
 _SPLIT = re.compile(r"[\s,]+")
@@ -44,49 +31,10 @@ class AlignError(DataSourceError):
 
 def template(size: Tuple[int, int] = (112, 112)) -> np.ndarray:
     """The (5, 2) float64 template points, in pixels, for an output of `size` (height, width)."""
-    size = (int(size[0]), int(size[1]))
-    if size not in TEMPLATES:
-        known = ", ".join(f"{h}x{w}" for h, w in TEMPLATES)
-        raise AlignError(f"no alignment template for size {size[0]}x{size[1]} (known: {known})")
-    return TEMPLATES[size].copy()
-
-
-def similarity_transform(src_pts: np.ndarray, dst_pts: np.ndarray) -> np.ndarray:
-    """The (2, 3) float64 matrix M = [sR | t] minimising sum |dst - (sR src + t)|^2.
-
-    Umeyama's closed form (SVD of the cross-covariance): rotation, uniform scale and
-    translation only; a reflection is excluded even when it would fit better.
-    """
-    src = np.asarray(src_pts, dtype=np.float64).reshape(-1, 2)
-    dst = np.asarray(dst_pts, dtype=np.float64).reshape(-1, 2)
-    if src.shape != dst.shape or len(src) < 2:
-        raise ValueError(f"similarity_transform needs two (N>=2, 2) point sets, got {src.shape} and {dst.shape}")
-    if not (np.isfinite(src).all() and np.isfinite(dst).all()):
-        raise ValueError("similarity_transform: points must be finite numbers")
-    mu_s, mu_d = src.mean(axis=0), dst.mean(axis=0)
-    xs, xd = src - mu_s, dst - mu_d
-    var_s = float((xs ** 2).sum()) / len(src)
-    if var_s <= 1e-12 * max(1.0, float(np.abs(src).max()) ** 2):
-        raise ValueError("similarity_transform: source points all coincide (no scale or rotation defined)")
-    cov = xd.T @ xs / len(src)
-    u, sig, vt = np.linalg.svd(cov)
-    d = np.array([1.0, 1.0 if np.linalg.det(u) * np.linalg.det(vt) >= 0 else -1.0])
-    rot = u @ np.diag(d) @ vt
-    scale = float(sig @ d) / var_s
-    m = np.empty((2, 3), dtype=np.float64)
-    m[:, :2] = scale * rot
-    m[:, 2] = mu_d - scale * rot @ mu_s
-    return m
-
-
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: Tuple[int, int] = (112, 112)) -> np.ndarray:
-    """Warp `image` (H, W[, C], any channel order) so that `landmarks` (5, 2) land on the template.
-
-    Returns an image of `size` (height, width), same dtype and channels; bilinear, black border.
-    """
-    m = similarity_transform(landmarks, template(size))
-    return cv2.warpAffine(image, m, (int(size[1]), int(size[0])), flags=cv2.INTER_LINEAR,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    try:
+        return _core.template(size)
+    except _core.TemplateSizeError as exc:
+        raise AlignError(str(exc)) from None
 
 
 class Entry(NamedTuple):
@@ -160,22 +108,42 @@ def _encode_params(ext: str, jpeg_quality: int) -> List[int]:
     return [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
 
 
+def _check_folders(src: str, out: str) -> None:
+    """SRC a folder, OUT neither SRC nor inside it nor around it (originals must not be overwritten)."""
+    if not os.path.isdir(src):
+        raise AlignError(f"{src}: no such directory (SRC must be a folder of images)")
+    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
+    if real_src == real_out:
+        raise AlignError(f"{out}: OUT is SRC (same folder: {real_src}); the originals would be overwritten "
+                         "(choose another OUT)")
+    if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: OUT is inside SRC ({real_src}); choose an OUT outside it")
+    if real_src.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise AlignError(f"{out}: SRC {src} is inside OUT ({real_out}); aligned files could overwrite the "
+                         "originals: choose an OUT outside it")
+
+
+def _read_image(path: str) -> np.ndarray | str:
+    """The decoded BGR image, or what is wrong with the file (one phrase)."""
+    try:
+        data = read_regular(path, "image", max_image_bytes())
+    except FileNotFoundError:
+        return "no such file"
+    except UnreadableFileError as exc:
+        return str(exc).removeprefix(path + ": ")
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    return "not a decodable image" if img is None else img
+
+
 def _align_one(job: Tuple[str, str, str, Entry, Tuple[int, int], int]) -> str | None:
     """Read, align, encode and atomically write one image; a `file:line: what` problem or None."""
     src, out, lm_path, entry, size, jpeg_quality = job
     where = f"{lm_path}:{entry.line}: {os.path.join(src, entry.path)}"
-    path = os.path.join(src, entry.path)
-    try:
-        data = read_regular(path, "image", max_image_bytes())
-    except FileNotFoundError:
-        return f"{where}: no such file"
-    except UnreadableFileError as exc:
-        return f"{where}: {str(exc).removeprefix(path + ': ')}"
-    except OSError as exc:
-        return f"{where}: unreadable ({exc.strerror or exc})"
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if img is None:
-        return f"{where}: not a decodable image"
+    img = _read_image(os.path.join(src, entry.path))
+    if isinstance(img, str):
+        return f"{where}: {img}"
     ext = os.path.splitext(entry.path)[1].lower()
     try:
         aligned = align_face(img, entry.points, size)
@@ -204,17 +172,7 @@ def align_folder(src: str, out: str, landmarks: str, size: Tuple[int, int] = (11
     """
     from tqdm import tqdm
 
-    if not os.path.isdir(src):
-        raise AlignError(f"{src}: no such directory (SRC must be a folder of images)")
-    real_src, real_out = os.path.realpath(src), os.path.realpath(out)
-    if real_src == real_out:
-        raise AlignError(f"{out}: OUT is SRC (same folder: {real_src}); the originals would be overwritten "
-                         "(choose another OUT)")
-    if real_out.startswith(real_src.rstrip(os.sep) + os.sep):
-        raise AlignError(f"{out}: OUT is inside SRC ({real_src}); choose an OUT outside it")
-    if real_src.startswith(real_out.rstrip(os.sep) + os.sep):
-        raise AlignError(f"{out}: SRC {src} is inside OUT ({real_out}); aligned files could overwrite the "
-                         "originals: choose an OUT outside it")
+    _check_folders(src, out)
     if not 0 <= jpeg_quality <= 100:
         raise AlignError(f"JPEG quality {jpeg_quality} is outside 0..100")
     size = (int(size[0]), int(size[1]))
@@ -249,4 +207,83 @@ def align_folder(src: str, out: str, landmarks: str, size: Tuple[int, int] = (11
         if pool is not None:
             pool.terminate()
     return {"aligned": aligned, "skipped": len(problems), "problems": problems, "listed": len(entries),
+            "size": size, "seconds": time.perf_counter() - t0}
+
+
+class DetectRules(NamedTuple):
+    """How faces are found in raw photos (detection.detect / detection.choose)."""
+
+    face: str = "largest"  # largest | central | all
+    min_face: float = 20.0  # pixels: smallest face side searched for and kept
+    min_score: float = 0.8  # detector probability 0-1 (MTCNN itself keeps >= 0.7)
+
+
+def detect_and_align(img_bgr: np.ndarray, rules: DetectRules, size: Tuple[int, int] = (112, 112)
+                     ) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """[(aligned BGR crop of `size`, its (5, 2) landmarks in the photo's pixels)] for the chosen face(s);
+    empty when no face passes the rules."""
+    import detection
+
+    faces = detection.detect(np.ascontiguousarray(img_bgr[..., ::-1]), min_size=rules.min_face,
+                             min_score=rules.min_score)
+    return [(align_face(img_bgr, f.landmarks, size), f.landmarks)
+            for f in detection.choose(faces, rules.face, img_bgr.shape)]
+
+
+def _numbered(rel: str, k: int) -> str:
+    stem, ext = os.path.splitext(rel)
+    return f"{stem}_{k}{ext}"
+
+
+def detect_folder(src: str, out: str, rules: DetectRules = DetectRules(), size: Tuple[int, int] = (112, 112),
+                  jpeg_quality: int = 95, save_landmarks: str | None = None, progress: bool = True) -> dict:
+    """Find the face(s) in every image under `src`, align them into `out` (same relative paths; with
+    rules.face == 'all', numbered `name_0.jpg`, `name_1.jpg`, ... largest first).
+
+    Images without a face (or unreadable) are returned as one-line problems. `save_landmarks` writes
+    the chosen faces' landmarks in the landmarks-file format, so `align --landmarks FILE` redoes the crops.
+    Returns {'aligned' (crops written), 'images', 'skipped', 'problems', 'seconds', 'size'}.
+    """
+    from tqdm import tqdm
+
+    from utils.atomic import write_text
+
+    _check_folders(src, out)
+    if save_landmarks and rules.face == "all":
+        raise AlignError(f"--save-landmarks {save_landmarks}: a landmarks file holds one face per image; "
+                         "use --face largest or central")
+    if not 0 <= jpeg_quality <= 100:
+        raise AlignError(f"JPEG quality {jpeg_quality} is outside 0..100")
+    size = (int(size[0]), int(size[1]))
+    template(size)
+    t0 = time.perf_counter()
+    rels = list(list_images(src, exclude=out))
+    problems: List[str] = []
+    lines: List[str] = []
+    aligned = 0
+    for rel in tqdm(rels, desc="detect+align", unit="img", disable=not progress, dynamic_ncols=True):
+        path = os.path.join(src, rel)
+        img = _read_image(path)
+        if isinstance(img, str):
+            problems.append(f"{path}: {img}")
+            continue
+        found = detect_and_align(img, rules, size)
+        if not found:
+            problems.append(f"{path}: no face found (min face {rules.min_face:g} px, min score {rules.min_score:g})")
+            continue
+        ext = os.path.splitext(rel)[1].lower()
+        for k, (crop, points) in enumerate(found):
+            target = _numbered(rel, k) if rules.face == "all" else rel
+            ok, buf = cv2.imencode(ext, crop, _encode_params(ext, jpeg_quality))
+            if not ok:
+                problems.append(f"{path}: OpenCV cannot write {ext} files")
+                break
+            os.makedirs(os.path.dirname(os.path.join(out, target)), exist_ok=True)
+            write_bytes(os.path.join(out, target), buf.tobytes())
+            aligned += 1
+            lines.append(rel + " " + " ".join(f"{v:.3f}" for v in points.ravel()) + "\n")
+    if save_landmarks:
+        write_text(save_landmarks, "# path x1 y1 ... x5 y5 (left eye, right eye, nose, left mouth, right mouth; "
+                                   "pixels), written by prepare_data.py align --detect\n" + "".join(lines))
+    return {"aligned": aligned, "images": len(rels), "skipped": len(problems), "problems": problems,
             "size": size, "seconds": time.perf_counter() - t0}

@@ -16,6 +16,8 @@ Decisions where the format is silent:
   decodes PNG). Format is told by the file's magic bytes, not its name.
 - Every image must decode with OpenCV and be ``size`` (H, W) pixels; another size is a
   skipped input unless ``resize``, which resizes (INTER_AREA) and re-encodes it.
+- ``detect`` (raw photos): each image's face is found (detection/, MTCNN), aligned to the
+  ``size`` template and stored as JPEG at ``quality``; an image with no face is skipped.
 - ``shuffle``: keys stay contiguous per class (so the identity records stay true), but the
   image records are written to the .rec in a random byte order, header first and identity
   records last; the .idx maps each key to wherever its record landed. Random-access readers
@@ -79,6 +81,7 @@ class ImageRules:
     resize: bool = False
     quality: int = 95  # JPEG quality 0-100 for images that are encoded
     keep_png: bool = False
+    detect: object = None  # a prepare.align.DetectRules: find the face, align it to `size` (raw photos)
 
 
 class Skip(Exception):
@@ -100,6 +103,13 @@ def prepare_payload(data: bytes, rules: ImageRules) -> bytes:
     if img is None:
         raise Skip(f"not a decodable image ({len(data)} bytes, format {fmt}, starts {bytes(data[:8])!r})")
     h, w = rules.size
+    if rules.detect is not None:
+        from prepare.align import detect_and_align
+
+        found = detect_and_align(img, rules.detect, rules.size)
+        if not found:
+            raise Skip(f"no face found (min face {rules.detect.min_face:g} px, min score {rules.detect.min_score:g})")
+        return _encode(found[0][0], ".jpg", rules.quality)
     ext = ".png" if fmt == "png" and rules.keep_png else ".jpg"
     if img.shape[:2] != (h, w):
         if not rules.resize:

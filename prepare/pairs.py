@@ -154,17 +154,26 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[Pair]) -> None:
     write_text(os.fspath(path), "".join(lines))
 
 
-def image_payload(path: str) -> tuple[bytes, bool]:
+def image_payload(path: str, detect=None) -> tuple[bytes, bool]:
     """(bytes to store, converted?) for one image file: JPEG/PNG as on disk, any other format as PNG.
 
-    Only regular files within the per-image cap (utils.files.max_image_bytes) are read.
+    Only regular files within the per-image cap (utils.files.max_image_bytes) are read. ``detect`` (a
+    prepare.align.DetectRules): a raw photo; its face is found, aligned to 112x112 and stored as PNG.
     """
     data = read_regular(path, "image", max_image_bytes())
-    if payload_extension(data) in _STORED_AS_IS:
+    if detect is None and payload_extension(data) in _STORED_AS_IS:
         return data, False
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
         raise PairsError(f"{path}: not a decodable image ({len(data)} bytes, starting {data[:8]!r})")
+    if detect is not None:
+        from prepare.align import detect_and_align
+
+        found = detect_and_align(img, detect)
+        if not found:
+            raise PairsError(f"{path}: no face found (min face {detect.min_face:g} px, min score "
+                             f"{detect.min_score:g}); a pair cannot lose an image")
+        img = found[0][0]
     ok, buf = cv2.imencode(".png", img)  # BGR in, BGR out: the colours of the file are kept
     if not ok:  # pragma: no cover
         raise RuntimeError(f"OpenCV could not encode {path} as PNG")
@@ -172,13 +181,14 @@ def image_payload(path: str) -> tuple[bytes, bool]:
 
 
 def make_bin(images_root: str | os.PathLike, pairs_path: str | os.PathLike, out_bin: str | os.PathLike,
-             kind: str = "bytes", progress: bool = True, min_pairs: int = 0) -> dict:
+             kind: str = "bytes", progress: bool = True, min_pairs: int = 0, detect=None) -> dict:
     """Write a verification .bin (written atomically) from an images folder and a pairs file.
 
     Pair order is the file's; pair i is items 2i, 2i+1. ``kind`` as :func:`data.bins.write_bin`:
     'bytes', 'py2str' (like the original insightface files) or 'ndarray' (1-D uint8 arrays).
     ``min_pairs``: refuse a pairs file with fewer pairs before reading any image (``make-bin``
     passes NFOLDS = 10: the protocol cannot score fewer).
+    ``detect``: raw photos, aligned on the way (see image_payload).
     Returns {'pairs', 'same', 'images', 'unique_images', 'converted', 'bytes', 'seconds', 'out',
     'warning'}; 'warning' is e.g. "all 12 pairs are 'same'" (such a set scores 100% for any
     model), else None.
@@ -196,7 +206,7 @@ def make_bin(images_root: str | os.PathLike, pairs_path: str | os.PathLike, out_
                         dynamic_ncols=True):
         for image in (a, b):
             if image not in cache:
-                cache[image], was_converted = image_payload(image)
+                cache[image], was_converted = image_payload(image, detect)
                 converted += was_converted
             payloads.append(cache[image])
     os.makedirs(os.path.dirname(os.path.abspath(out_bin)), exist_ok=True)

@@ -1,4 +1,5 @@
-"""``prepare_data.py align``: 5-point similarity alignment of a folder of images to 112x112 (or 112x96)."""
+"""``prepare_data.py align``: 5-point similarity alignment of a folder of images to 112x112 (or 112x96),
+with the landmarks from a file or found by the face detector (--detect)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("src", metavar="SRC", help="folder of images (class sub-folders are kept)")
     p.add_argument("out", metavar="OUT", help="output folder: SRC's relative paths, same file formats")
-    p.add_argument("--landmarks", required=True, metavar="FILE",
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--landmarks", metavar="FILE",
                    help="one line per image: path relative to SRC and x1 y1 ... x5 y5 (left eye, right eye, "
                         "nose, left mouth, right mouth; pixels), whitespace or commas between fields")
+    how.add_argument("--detect", action="store_true",
+                     help="find the faces with MTCNN (weights: pip install --no-deps facenet-pytorch==2.6.0)")
+    p.add_argument("--face", choices=("largest", "central", "all"), default="largest",
+                   help="with --detect: which face of a photo (all: every face, numbered NAME_0, NAME_1, ...)")
+    p.add_argument("--min-face", type=float, default=20.0, metavar="PIXELS",
+                   help="with --detect: smallest face side kept (default 20)")
+    p.add_argument("--min-score", type=float, default=0.8,
+                   help="with --detect: smallest detector probability kept, 0-1 (default 0.8)")
+    p.add_argument("--save-landmarks", metavar="FILE",
+                   help="with --detect: write the chosen faces' landmarks in the --landmarks format")
     p.add_argument("--size", default="112x112", choices=[f"{h}x{w}" for h, w in TEMPLATES],
                    help="output HEIGHTxWIDTH (112x96: the ArcFace template moved 8 px left, as insightface)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="quality of written JPEGs (PNGs stay lossless)")
@@ -40,11 +52,23 @@ def _report(problems: list[str], out: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from prepare.align import align_folder
+    from prepare.align import AlignError, DetectRules, align_folder, detect_folder
 
     h, w = (int(v) for v in args.size.split("x"))
-    res = align_folder(args.src, args.out, args.landmarks, size=(h, w), jpeg_quality=args.jpeg_quality,
-                       workers=args.workers, progress=not args.no_progress)
+    if not args.detect:
+        used = [f for f, v in (("--save-landmarks", args.save_landmarks), ("--face", args.face != "largest"))
+                if v]
+        if used:
+            raise AlignError(f"{used[0]} needs --detect (with --landmarks the faces are given)")
+        res = align_folder(args.src, args.out, args.landmarks, size=(h, w), jpeg_quality=args.jpeg_quality,
+                           workers=args.workers, progress=not args.no_progress)
+    else:
+        if not 0 <= args.min_score <= 1 or args.min_face < 0:
+            raise AlignError(f"--min-score {args.min_score:g} / --min-face {args.min_face:g}: expected a "
+                             "probability 0-1 and a size in pixels >= 0")
+        rules = DetectRules(face=args.face, min_face=args.min_face, min_score=args.min_score)
+        res = detect_folder(args.src, args.out, rules, size=(h, w), jpeg_quality=args.jpeg_quality,
+                            save_landmarks=args.save_landmarks, progress=not args.no_progress)
     _report(res["problems"], args.out)
     rate = res["aligned"] / max(res["seconds"], 1e-9)
     print(f"align: {res['aligned']} images aligned to {h}x{w} in {args.out}, {res['skipped']} skipped "
@@ -53,5 +77,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMAND = Command("align", "Align face images to the ArcFace 5-point template (similarity transform + warp).",
-                 "python prepare_data.py align raw_faces/ datasets/aligned --landmarks raw_faces/landmarks.txt",
+                 "python prepare_data.py align raw_faces/ datasets/aligned --landmarks raw_faces/landmarks.txt\n"
+                 "  python prepare_data.py align photos/ datasets/aligned --detect --save-landmarks lm.txt",
                  add_args, run)

@@ -18,6 +18,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=BIN_KINDS, default="bytes",
                    help="how images are pickled: Python 3 bytes (default), Python 2 str like the original "
                         "insightface files, or 1-D numpy uint8 arrays")
+    p.add_argument("--detect", action="store_true",
+                   help="raw photos: find each image's face (MTCNN, the largest) and align it to 112x112 "
+                        "(weights: pip install --no-deps facenet-pytorch==2.6.0)")
+    p.add_argument("--min-face", type=float, default=20.0, metavar="PIXELS",
+                   help="with --detect: smallest face side kept (default 20)")
+    p.add_argument("--min-score", type=float, default=0.8,
+                   help="with --detect: smallest detector probability kept, 0-1 (default 0.8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -25,7 +32,13 @@ def run(args: argparse.Namespace) -> int:
     from data.bins import NFOLDS
     from prepare.pairs import make_bin
 
-    s = make_bin(args.images, args.pairs, args.out, kind=args.kind, progress=not args.no_progress, min_pairs=NFOLDS)
+    detect = None
+    if args.detect:
+        from prepare.align import DetectRules
+
+        detect = DetectRules(face="largest", min_face=args.min_face, min_score=args.min_score)
+    s = make_bin(args.images, args.pairs, args.out, kind=args.kind, progress=not args.no_progress, min_pairs=NFOLDS,
+                 detect=detect)
     converted = f", {s['converted']} converted to PNG" if s["converted"] else ""
     print(f"make-bin: {args.out}: {s['pairs']} pairs ({s['same']} same), {s['images']} images "
           f"({s['unique_images']} files{converted}), {s['bytes'] / 1e6:.1f} MB ({args.kind}), {s['seconds']:.1f} s")
