@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Use a trained model: embed images, keep a facebank, identify and verify faces, export to ONNX/TorchScript.
+
+MODEL is a backbone.pt / checkpoint.pt written by train.py, foreign weights with --backbone, or an .onnx
+written by `infer.py export` (run with onnxruntime). Images are aligned 112x112 faces (other sizes are
+resized as training does). Embeddings use flip TTA as evaluate.py does (--tta sum by default).
+
+  infer.py embed MODEL faces/ --out emb.npy            emb.npy (float32 L2-normalised rows) + emb.txt (paths)
+  infer.py facebank build MODEL bank_dir/ --out bank.npz    bank_dir/<name>/*.jpg, one mean embedding per name
+  infer.py facebank add MODEL bank.npz new_dir/carol        add (or replace) identities
+  infer.py facebank remove bank.npz carol                   remove identities
+  infer.py identify MODEL bank.npz q1.jpg q2.jpg --top-k 3 --out results.csv
+  infer.py verify MODEL a.jpg b.jpg
+  infer.py export MODEL --onnx model.onnx --torchscript model.ts.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from config import ConfigError
+from inference import facebank as fb
+from inference.embed import TTA_MODES, embed_files, embed_images, list_images, output_size, read_image
+from inference.export import EXPORTERS, write_onnx, write_torchscript
+from inference.model import EmbeddingModel, load_model
+from inference.threshold import resolve
+from utils.atomic import write_bytes, write_text
+from utils.errors import fail, user_errors
+
+PROG = "infer.py"
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="", help="architecture of foreign weights (e.g. ir_se50)")
+    p.add_argument("--embedding-size", type=int, default=512, help="embedding size of foreign weights")
+    p.add_argument("--input-order", default="", choices=("", "rgb", "bgr"),
+                   help="channel order the weights were trained on (default: from the checkpoint, else rgb)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:N); .onnx runs on the CPU")
+
+
+def _embed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", default="sum", choices=sorted(TTA_MODES),
+                   help="flip TTA as in evaluation: sum = normalise(e(x)+e(flip x)), concat, none")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # --detect (raw photos: detect + align first) belongs here once detection/ offers a detector
+
+
+def _threshold_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, default=None,
+                   help="cosine threshold (default: the model's eval.json beside it, else 0.25)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("embed", help="embeddings of images -> .npy (+ .txt of the paths in row order)")
+    e.add_argument("model", metavar="MODEL")
+    e.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    e.add_argument("--out", required=True, help="the .npy to write (its paths go to the same name with .txt)")
+    bank = sub.add_parser("facebank", help="build or update a facebank (bank.npz)")
+    bsub = bank.add_subparsers(dest="action", required=True)
+    b = bsub.add_parser("build", help="FACEBANK_DIR/<name>/* -> one embedding per name")
+    b.add_argument("model", metavar="MODEL")
+    b.add_argument("folder", metavar="FACEBANK_DIR")
+    b.add_argument("--out", required=True, help="bank .npz to write")
+    a = bsub.add_parser("add", help="add (or replace) identities: DIR/<name> folders")
+    a.add_argument("model", metavar="MODEL")
+    a.add_argument("bank", metavar="BANK")
+    a.add_argument("folders", nargs="+", metavar="DIR/NAME")
+    r = bsub.add_parser("remove", help="remove identities by name")
+    r.add_argument("bank", metavar="BANK")
+    r.add_argument("names", nargs="+", metavar="NAME")
+    i = sub.add_parser("identify", help="best facebank match of each image, or 'unknown' below the threshold")
+    i.add_argument("model", metavar="MODEL")
+    i.add_argument("bank", metavar="BANK")
+    i.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    i.add_argument("--top-k", type=int, default=1, help="also list the K best identities")
+    i.add_argument("--out", default="", help="results.csv or results.json")
+    _threshold_flag(i)
+    v = sub.add_parser("verify", help="cosine score of two images and same/different")
+    v.add_argument("model", metavar="MODEL")
+    v.add_argument("image_a", metavar="IMG_A")
+    v.add_argument("image_b", metavar="IMG_B")
+    _threshold_flag(v)
+    x = sub.add_parser("export", help="ONNX / TorchScript, parity-checked against the torch model")
+    x.add_argument("model", metavar="MODEL")
+    x.add_argument("--onnx", default="", help="the .onnx to write (dynamic batch, metadata)")
+    x.add_argument("--torchscript", default="", help="the TorchScript .pt to write")
+    x.add_argument("--exporter", default="dynamo", choices=sorted(EXPORTERS),
+                   help="torch.onnx exporter: dynamo (opset 18, needs onnxscript) or torchscript (legacy, opset 17)")
+    x.add_argument("--check-images", nargs="*", default=[], metavar="IMAGE_OR_DIR",
+                   help="real images run through both models besides the random batches (first 16)")
+    for sp in (e, b, a, i, v, x):
+        _model_flags(sp)
+    for sp in (e, b, a, i, v):
+        _embed_flags(sp)
+    r.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _load(args: argparse.Namespace) -> EmbeddingModel:
+    model = load_model(args.model, args.backbone, args.embedding_size, args.input_order, args.device)
+    print(f"model: {model.describe()}")
+    return model
+
+
+def _report_failed(failed: Sequence[Tuple[str, str]]) -> int:
+    """Print the images that could not be used; the exit status (1 if any)."""
+    for path, why in failed:
+        print(f"  bad image: {path}: {why}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} image(s) could not be used (listed above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    model = _load(args)
+    result = embed_files(model, list_images(args.inputs), args.tta, args.batch_size, not args.no_progress)
+    emb = result.embeddings.astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    write_bytes(args.out, buf.getvalue(), fsync=True)
+    txt = os.path.splitext(args.out)[0] + ".txt"
+    write_text(txt, "".join(p + "\n" for p in result.paths))
+    print(f"{len(result.paths)} embeddings ({emb.shape[1]}-d, tta={args.tta}) -> {args.out}; paths -> {txt}")
+    return _report_failed(result.failed)
+
+
+def _bank_summary(bank: fb.Facebank, path: str) -> None:
+    print(f"{path}: {len(bank.names)} identities, {int(bank.counts.sum())} images, {bank.embedding_size}-d, "
+          f"tta={bank.tta} (each: mean of the L2-normalised image embeddings, normalised again)")
+
+
+def cmd_facebank(args: argparse.Namespace) -> int:
+    if args.action == "remove":
+        bank = fb.load(args.bank)
+        bank = fb.without(bank, args.names, args.bank)
+        bank.save(args.bank)
+        print(f"removed {', '.join(args.names)}")
+        _bank_summary(bank, args.bank)
+        return 0
+    model = _load(args)
+    if args.action == "build":
+        folders = fb.identity_folders(args.folder)
+    else:
+        bank = fb.load(args.bank)
+        bank.check_model(model, args.bank, args.tta)
+        folders = []
+        for f in args.folders:
+            if not os.path.isdir(f):
+                raise FileNotFoundError(f"{f}: no such identity folder (expected DIR/<name>)")
+            folders.append((os.path.basename(os.path.normpath(f)), f))
+    means, counts, failed = fb.embed_identities(model, folders, args.tta, args.batch_size, not args.no_progress)
+    for name in sorted(means):
+        print(f"  {name}: {counts[name]} images")
+    if args.action == "build":
+        bank = fb.build(model, means, counts, args.tta, output_size(model, args.tta))
+        out = args.out
+    else:
+        replaced = [n for n in means if n in bank.names]
+        if replaced:
+            print(f"replaced: {', '.join(sorted(replaced))}")
+        bank = fb.merged(bank, means, counts)
+        out = args.bank
+    bank.save(out)
+    _bank_summary(bank, out)
+    return _report_failed(failed)
+
+
+def _write_results(path: str, rows: List[dict]) -> None:
+    if path.lower().endswith(".json"):
+        write_text(path, json.dumps(rows, indent=2) + "\n")
+    elif path.lower().endswith(".csv"):
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "identity", "score", "top_k"])
+        for r in rows:
+            w.writerow([r["path"], r["identity"], f"{r['score']:.6f}",
+                        ";".join(f"{n}:{s:.6f}" for n, s in r["top_k"])])
+        write_text(path, buf.getvalue())
+    else:
+        raise ConfigError(f"--out {path}: write results.csv or results.json")
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    if args.out and not args.out.lower().endswith((".csv", ".json")):
+        raise ConfigError(f"--out {args.out}: write results.csv or results.json")
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: must be >= 1")
+    model = _load(args)
+    bank = fb.load(args.bank)
+    bank.check_model(model, args.bank, args.tta)
+    threshold = resolve(args.model, model.kind, model.metadata, args.threshold)
+    print(threshold.text())
+    result = embed_files(model, list_images(args.inputs), bank.tta, args.batch_size, not args.no_progress)
+    matches = fb.match(bank, result.embeddings, threshold.cosine, args.top_k)
+    rows = [{"path": p, "identity": m.name, "score": m.score, "top_k": m.top} for p, m in zip(result.paths, matches)]
+    width = max([len(r["path"]) for r in rows] + [5])
+    print(f"{'image':<{width}}  {'identity':<20} {'cosine':>7}" + ("  top-k" if args.top_k > 1 else ""))
+    for r in rows:
+        top = "  " + ", ".join(f"{n} {s:.3f}" for n, s in r["top_k"]) if args.top_k > 1 else ""
+        print(f"{r['path']:<{width}}  {r['identity']:<20} {r['score']:>7.4f}{top}")
+    if args.out:
+        _write_results(args.out, rows)
+        print(f"results -> {args.out}")
+    return _report_failed(result.failed)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    model = _load(args)
+    threshold = resolve(args.model, model.kind, model.metadata, args.threshold)
+    emb = embed_images(model, np.stack([read_image(args.image_a), read_image(args.image_b)]), args.tta)
+    cos = float(emb[0] @ emb[1])
+    same = cos >= threshold.cosine
+    print(threshold.text())
+    print(f"cosine {cos:.4f} (squared L2 distance {2 - 2 * cos:.4f}): {'same person' if same else 'different people'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.onnx and not args.torchscript:
+        raise ConfigError("export: say what to write: --onnx FILE and/or --torchscript FILE")
+    model = _load(args)
+    real = None
+    if args.check_images:
+        paths = list_images(args.check_images)[:16]
+        real = np.stack([read_image(p) for p in paths]) if paths else None
+    if args.onnx:
+        parity = write_onnx(model, args.onnx, args.exporter, real)
+        print(f"wrote {args.onnx} ({args.exporter} exporter, opset {EXPORTERS[args.exporter]}, dynamic batch); "
+              f"parity {parity.text()}")
+    if args.torchscript:
+        parity = write_torchscript(model, args.torchscript, real)
+        print(f"wrote {args.torchscript} (TorchScript trace); parity {parity.text()}")
+    return 0
+
+
+COMMANDS = {"embed": cmd_embed, "facebank": cmd_facebank, "identify": cmd_identify, "verify": cmd_verify,
+            "export": cmd_export}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except user_errors() as exc:
+        fail(PROG, exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

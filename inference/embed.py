@@ -1,0 +1,105 @@
+"""Image files -> L2-normalised embeddings with flip TTA, batched, for any EmbeddingModel.
+
+Files are read as training reads them (utils.files.read_regular under the image size cap, then
+data.dataset.decode_image: any size is resized to 112x112 with INTER_AREA, BGR -> RGB) and
+embedded as evaluation.embed does: normalise(e(x) + e(flip x)) for ``sum`` (the insightface
+protocol), normalise([e(x), e(flip x)]) for ``concat``, normalise(e(x)) for ``none``; views
+combined in float64. evaluation/ is a sibling room (no import), so the three modes are restated
+here; tests/test_infer.py asserts the rows equal evaluation.embed's for the same images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.dataset import decode_image
+from data.sources import IMAGE_EXTENSIONS
+from data.transforms import normalize
+from utils.files import UnreadableFileError, max_image_bytes, read_regular
+
+from .model import INPUT_SIZE, EmbeddingModel
+
+Combine = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+TTA_MODES: Dict[str, Tuple[bool, Combine]] = {  # name -> (flip view computed, combine(e, e_flip))
+    "sum": (True, lambda e, ef: F.normalize(e + ef, dim=1)),
+    "concat": (True, lambda e, ef: F.normalize(torch.cat([e, ef], dim=1), dim=1)),
+    "none": (False, lambda e, ef: F.normalize(e, dim=1)),
+}
+
+
+def output_size(model: EmbeddingModel, tta: str) -> int:
+    """Width of the rows ``embed_images`` returns (twice the model's for concat)."""
+    return model.embedding_size * (2 if tta == "concat" else 1)
+
+
+def list_images(inputs: Sequence[str]) -> List[str]:
+    """Files as given (whatever their extension); folders walked recursively for image files, sorted."""
+    out: List[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = [os.path.join(d, f) for d, _, files in os.walk(item) for f in files
+                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+            out.extend(sorted(found))
+        else:
+            out.append(item)
+    return out
+
+
+def read_image(path: str) -> np.ndarray:
+    """(112,112,3) uint8 RGB of an image file; ValueError/OSError with the reason if it cannot be used."""
+    img = decode_image(read_regular(path, "image", max_image_bytes()), INPUT_SIZE)
+    if img is None:
+        raise UnreadableFileError(f"{path}: not a decodable image (JPEG/PNG/BMP/WebP)")
+    return img
+
+
+def embed_images(model: EmbeddingModel, images: np.ndarray, tta: str = "sum") -> np.ndarray:
+    """float64 L2-normalised rows of one batch of uint8 RGB images (N,112,112,3) or (N,3,112,112)."""
+    flip, combine = TTA_MODES[tta]
+    x = normalize(torch.from_numpy(np.ascontiguousarray(images)))
+    e = torch.from_numpy(model.forward(x.numpy())).double()
+    ef = torch.from_numpy(model.forward(x.flip(3).numpy())).double() if flip else None
+    return combine(e, ef).numpy()
+
+
+@dataclass
+class Embedded:
+    """Rows of the images that could be used, their paths in row order, and (path, reason) of the rest."""
+
+    embeddings: np.ndarray
+    paths: List[str]
+    failed: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def embed_files(model: EmbeddingModel, paths: Sequence[str], tta: str = "sum", batch_size: int = 64,
+                progress: bool = False, desc: str = "embed") -> Embedded:
+    """Read, decode and embed ``paths`` in batches (float64 rows); unreadable files are listed, not fatal."""
+    rows: List[np.ndarray] = []
+    ok: List[str] = []
+    failed: List[Tuple[str, str]] = []
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for chunk in _chunks(paths, batch_size):
+            images = []
+            for path in chunk:
+                try:
+                    images.append(read_image(path))
+                    ok.append(path)
+                except (OSError, ValueError) as exc:
+                    failed.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            if images:
+                rows.append(embed_images(model, np.stack(images), tta))
+            bar.update(len(chunk))
+    emb = np.concatenate(rows) if rows else np.zeros((0, output_size(model, tta)), np.float64)
+    return Embedded(emb, ok, failed)
