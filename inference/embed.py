@@ -4,34 +4,28 @@ Files are read as training reads them (utils.files.read_regular under the image 
 data.dataset.decode_image: any size is resized to 112x112 with INTER_AREA, BGR -> RGB) and
 embedded as evaluation.embed does: normalise(e(x) + e(flip x)) for ``sum`` (the insightface
 protocol), normalise([e(x), e(flip x)]) for ``concat``, normalise(e(x)) for ``none``; views
-combined in float64. evaluation/ is a sibling room (no import), so the three modes are restated
-here; tests/test_infer.py asserts the rows equal evaluation.embed's for the same images.
+combined in float64, with evaluation.embed's TTA_MODES (one definition of the modes; the model
+here may be an onnxruntime session, so the batching loop is this module's own).
+tests/test_infer.py asserts the rows equal evaluation.embed's for the same images.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.dataset import decode_image
 from data.sources import IMAGE_EXTENSIONS
 from data.transforms import normalize
+from evaluation.embed import TTA_MODES
 from utils.files import UnreadableFileError, max_image_bytes, read_regular
 
 from .model import INPUT_SIZE, EmbeddingModel
-
-Combine = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-TTA_MODES: Dict[str, Tuple[bool, Combine]] = {  # name -> (flip view computed, combine(e, e_flip))
-    "sum": (True, lambda e, ef: F.normalize(e + ef, dim=1)),
-    "concat": (True, lambda e, ef: F.normalize(torch.cat([e, ef], dim=1), dim=1)),
-    "none": (False, lambda e, ef: F.normalize(e, dim=1)),
-}
 
 
 def output_size(model: EmbeddingModel, tta: str) -> int:

@@ -14,11 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict
 
+from evaluation.report import SCHEMA as EVAL_SCHEMA
 from utils.torchfile import sha256_file
 
 # InsightFace_Pytorch's facebank default: squared L2 1.5 between normalised embeddings = cosine 0.25
 DEFAULT_COSINE = 0.25
-EVAL_SCHEMA = "facetrain-eval/1"  # evaluation/report.py's SCHEMA (a sibling room: restated, not imported)
 
 
 @dataclass
