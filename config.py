@@ -94,10 +94,10 @@ class Config:
         "start from these backbone weights: our backbone.pt / checkpoint.pt, or a foreign state_dict "
         "(arcface_torch backbone.pth, InsightFace_Pytorch model_ir_se50.pth); the keys decide the layout, "
         "untyped --backbone/--embedding-size/--input-order come from the file (see engine/finetune.py); "
-        "not with --resume PATH")})
+        "not with --resume PATH"), "default_text": "random weights from --seed"})
     init_head: str = field(default="", metadata={"help": (
         "load the margin head (only) from this training checkpoint.pt of ours (same classes and embedding "
-        "size); default: a fresh head")})
+        "size)"), "default_text": "a fresh head"})
     freeze_backbone_epochs: int = field(default=0, metadata={"min": 0, "help": (
         "epochs at the start during which the backbone is frozen: no gradient, no weight decay, BatchNorm "
         "statistics and dropout in eval mode; only the head trains")})
