@@ -133,6 +133,9 @@ def test_init_head_loads_the_head_only(tiny_pack, tmp_path, capsys, monkeypatch)
     _assert_same(saved["model"], tmp_path / "fourth" / "backbone_init.pt")
     script_error(capsys, train.main, _args(tiny_pack, tmp_path / "third", "--embedding-size", "32",
                                            "--init-head", str(run / "checkpoint.pt")), "--init-head", "16", "32")
+    # the lr multiplier lives in the checkpoint's schedule: changing it on resume is refused
+    script_error(capsys, train.main, ["--resume", str(run), "--backbone-lr-mult", "0.5", "--no-progress"],
+                 "--backbone-lr-mult 0.5", "1")
 
 
 def _trainer(pack, out, **over):
