@@ -33,7 +33,7 @@ from backbones.weights import describe_backbone, mismatch_report, state_dict_of
 from config import Config, ConfigError, apply_overrides
 from engine.checkpoint import load_training_checkpoint
 from engine.objective import DenseLoss
-from utils.torchfile import check_finite, load_file, sha256_file
+from utils.torchfile import CheckpointError, check_finite, load_file, sha256_file
 
 
 @dataclass
@@ -51,11 +51,14 @@ class BackboneInit:
 
 def read_backbone_init(path: str) -> BackboneInit:
     """Read and validate an --init-backbone file (one CheckpointError line when it is not weights)."""
-    data = load_file(path)
-    info = describe_backbone(data, path)
+    try:
+        data = load_file(path)
+        info = describe_backbone(data, path)
+        state = state_dict_of(data, path) if info is None else None
+    except CheckpointError as exc:  # the flag that named the file, then the file's own one line
+        raise CheckpointError(f"--init-backbone {exc}") from None
     digest = sha256_file(path)
-    if info is None:
-        state = state_dict_of(data, path)
+    if state is not None:
         init = BackboneInit(path, digest, "foreign state_dict", state)
     else:
         kind = "training checkpoint" if "step" in data else "facetrain backbone file"
