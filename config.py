@@ -89,6 +89,21 @@ class Config:
     label_smoothing: float = field(default=0.0, metadata={
         "min": 0.0, "lt": 1.0, "help": "label smoothing of cross-entropy"})
 
+    # --- fine-tuning ------------------------------------------------------
+    init_backbone: str = field(default="", metadata={"help": (
+        "start from these backbone weights: our backbone.pt / checkpoint.pt, or a foreign state_dict "
+        "(arcface_torch backbone.pth, InsightFace_Pytorch model_ir_se50.pth); the keys decide the layout, "
+        "untyped --backbone/--embedding-size/--input-order come from the file (see engine/finetune.py); "
+        "not with --resume PATH"), "default_text": "random weights from --seed"})
+    init_head: str = field(default="", metadata={"help": (
+        "load the margin head (only) from this training checkpoint.pt of ours (same classes and embedding "
+        "size)"), "default_text": "a fresh head"})
+    freeze_backbone_epochs: int = field(default=0, metadata={"min": 0, "help": (
+        "epochs at the start during which the backbone is frozen: no gradient, no weight decay, BatchNorm "
+        "statistics and dropout in eval mode; only the head trains")})
+    backbone_lr_mult: float = field(default=1.0, metadata={"min": 0.0, "max": 100.0, "help": (
+        "the backbone's learning rate is lr x this (the head keeps lr); same schedule and weight decay rules")})
+
     # --- optimisation -----------------------------------------------------
     epochs: int = field(default=20, metadata={"min": 1, "help": "training epochs"})
     max_steps: int = field(default=0, metadata={

@@ -29,6 +29,7 @@ from data.dataset import FaceDataset, build_dataset
 from engine import distributed as dist_utils
 from engine.checkpoint import load_training_checkpoint, numbered_checkpoints, resumable_checkpoint
 from engine.distributed import DistInfo
+from engine.finetune import BackboneInit, adopt_fields, load_backbone_init, load_head_init, read_backbone_init
 from engine.objective import DenseLoss, Objective
 from engine.runlog import RunLog
 from engine.schedule import SCHEDULES
@@ -157,6 +158,10 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"--data {cfg.data!r} names no data (a pack folder, a .rec, or an image folder)")
     if cfg.sample_rate < 1.0 and not cfg.partial_fc:
         raise ConfigError("--sample-rate below 1 samples Partial FC's classes: add --partial-fc")
+    for field in ("init_backbone", "init_head"):
+        if getattr(cfg, field) and cfg.resume and cfg.resume != "auto":
+            raise ConfigError(f"--{field.replace('_', '-')} with --resume {cfg.resume}: resuming restores the "
+                              f"weights, head and optimizer from the checkpoint; drop one of them")
 
 
 RUN_FILES = ("checkpoint.pt", "backbone.pt", "config.json")
@@ -240,6 +245,10 @@ def resumed(cfg: Config, given: Dict[str, Any], world_size: int) -> Tuple[Config
     if not source:
         return cfg, None
     state = load_training_checkpoint(source)
+    saved_mult = state.get("config", {}).get("backbone_lr_mult", 1.0)
+    if "backbone_lr_mult" in given and float(given["backbone_lr_mult"]) != saved_mult:
+        raise ConfigError(f"--backbone-lr-mult {given['backbone_lr_mult']} on resume: {source} was trained with "
+                          f"{saved_mult:g} (its lr schedule holds it); drop --backbone-lr-mult")
     cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
                           {**given, "resume": source})
     if "output" not in given:
@@ -275,8 +284,10 @@ def build_objective(cfg: Config, head: nn.Module, criterion: nn.Module, info: Di
         raise ConfigError(f"--partial-fc: {exc}") from None
 
 
-def build_parts(cfg: Config, info: DistInfo, log: RunLog) -> Tuple[FaceDataset, nn.Module, Objective]:
-    """Data, backbone and objective, in the order that draws the seeded initial weights."""
+def build_parts(cfg: Config, info: DistInfo, log: RunLog, init: BackboneInit | None = None,
+                init_head: str = "") -> Tuple[FaceDataset, nn.Module, Objective]:
+    """Data, backbone and objective, in the order that draws the seeded initial weights; then the
+    --init-backbone weights (``init``) and the --init-head checkpoint's head over them (fresh starts only)."""
     dataset = build_dataset(cfg.data, decode=not cfg.decode_on_device)
     for src, off in zip(dataset.sources, dataset.label_offsets):
         log(f"data: {src.path}: {len(src)} images, {src.num_classes} classes (labels from {int(off)})")
@@ -285,7 +296,27 @@ def build_parts(cfg: Config, info: DistInfo, log: RunLog) -> Tuple[FaceDataset, 
         head = build_head(cfg, dataset.num_classes)
     criterion = build_loss(cfg)
     check_batch_fits(cfg, len(dataset), info.world_size)
-    return dataset, model, build_objective(cfg, head, criterion, info)
+    objective = build_objective(cfg, head, criterion, info)
+    if init is not None:
+        log(load_backbone_init(model, init, cfg))
+    if init_head:
+        log(load_head_init(objective, init_head, dataset.num_classes, cfg.embedding_size))
+    return dataset, model, objective
+
+
+def fine_tune_start(cfg: Config, given: Dict[str, Any],
+                    resuming: bool) -> Tuple[Config, BackboneInit | None, List[str]]:
+    """Read --init-backbone (a fresh start only) and adopt the fields its file decides (see engine/finetune.py);
+    before anything is written, so a wrong file leaves no run folder. Returns the notes for the log."""
+    if resuming:
+        if cfg.init_backbone or cfg.init_head:
+            return cfg, None, ["note: resumed run: --init-backbone / --init-head were applied at its start, not again"]
+        return cfg, None, []
+    if not cfg.init_backbone:
+        return cfg, None, []
+    init = read_backbone_init(cfg.init_backbone)
+    cfg, notes = adopt_fields(cfg, init, given)
+    return cfg, init, [f"init backbone: {note}" for note in notes]
 
 
 def report_end(trainer: Trainer, cfg: Config, log: RunLog) -> None:
@@ -302,12 +333,15 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     cfg, state = resumed(cfg, given, info.world_size)
     if info.is_main:
         claim_output(cfg, resuming=state is not None)
+    cfg, init, notes = fine_tune_start(cfg, given, state is not None)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 112x112 inputs: let cuDNN pick the fastest kernels
     log = open_run_log(cfg, info)
-    dataset, model, objective = build_parts(cfg, info, log)
+    for note in notes:
+        log(note)
+    dataset, model, objective = build_parts(cfg, info, log, init, cfg.init_head if state is None else "")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
     log(f"model: {cfg.backbone} ({n_params:.2f}M params, {cfg.input_order} input), head {cfg.head} "

@@ -64,6 +64,15 @@ def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fine_tune_groups(backbone: nn.Module, objective: nn.Module, weight_decay: float, lr: float,
+                     backbone_lr_mult: float) -> List[Dict[str, Any]]:
+    """param_groups with the head's groups first (group 0 carries the base lr the log reports) and the
+    backbone's at ``lr * backbone_lr_mult``; LambdaLR scales every group by the same schedule."""
+    head = param_groups([objective], weight_decay)
+    body = [dict(g, lr=lr * backbone_lr_mult) for g in param_groups([backbone], weight_decay)]
+    return head + body
+
+
 def copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:
     """dst[i].copy_(src[i]) for all i: one fused kernel where torch has it (hundreds of BN buffers per step)."""
     foreach = getattr(torch, "_foreach_copy_", None)

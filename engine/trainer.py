@@ -89,7 +89,10 @@ class Trainer:
                                   f"{self.accum})")
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-        self.optimizer = torch.optim.SGD(steps.param_groups([self.model, self.objective], cfg.weight_decay),
+        self.optimizer = torch.optim.SGD(steps.param_groups([self.model, self.objective], cfg.weight_decay)
+                                         if cfg.backbone_lr_mult == 1 else
+                                         steps.fine_tune_groups(self.model, self.objective, cfg.weight_decay,
+                                                                cfg.lr, cfg.backbone_lr_mult),
                                          lr=cfg.lr, momentum=cfg.momentum)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_lr_lambda(
             total_steps=self.total_steps, warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
@@ -99,9 +102,11 @@ class Trainer:
         self.use_scaler = self.amp_dtype is not None and needs_grad_scaler(self.amp_dtype, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         self.data_parallel = steps.wants_data_parallel(cfg.data_parallel, dist_info, device)
-        backbone = torch.compile(self.model) if cfg.compile else self.model
-        self.step_module = steps.wrap(steps.StepModule(backbone, objective.replica, self.amp_dtype), dist_info,
+        self._backbone = torch.compile(self.model) if cfg.compile else self.model
+        self.step_module = steps.wrap(steps.StepModule(self._backbone, objective.replica, self.amp_dtype), dist_info,
                                       device, self.data_parallel)
+        self.freeze_steps = cfg.freeze_backbone_epochs * self.steps_per_epoch  # steps 0..freeze_steps-1: frozen
+        self.frozen = False
         self.step = 0
         self.best = -math.inf
         self.bad_steps = 0  # optimizer steps skipped for a non-finite loss/gradient/lr (kept in the checkpoint)
@@ -205,8 +210,11 @@ class Trainer:
         weights and momentum are untouched and the buffers the forward pass changed (BatchNorm
         statistics, head counters) are put back; the scheduler still advances.
         """
+        self._set_frozen(self.step < self.freeze_steps)
         self.step_module.train()
         self.objective.train()
+        if self.frozen:
+            self.model.eval()  # BatchNorm statistics fixed, dropout off
         masks = steps.flip_masks(self.cfg.seed, self.step, self.accum, self.cfg.batch_size, self.dist)
         self.optimizer.zero_grad(set_to_none=True)
         if self._buffers:
@@ -217,7 +225,8 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             x = normalize(apply_flips(images, masks[m, :len(images)]), channels_last=self.cfg.channels_last)
             last = m == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.distributed else self.step_module.no_sync()
+            sync = (contextlib.nullcontext() if last or not self.dist.distributed
+                    or not hasattr(self.step_module, "no_sync") else self.step_module.no_sync())
             with sync:
                 emb, out = self.step_module(x, labels)
                 loss = self.objective.loss(emb, out, labels)
@@ -239,6 +248,28 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         return total
+
+    def _set_frozen(self, frozen: bool) -> None:
+        """Freeze (or unfreeze) the backbone: requires_grad off, so it gets no gradient, no momentum and
+        no weight decay (SGD skips parameters without a gradient) and its weights stay bit-identical.
+
+        DDP registers the parameters that need gradients when it wraps, so the step module is wrapped
+        again at each change (on every rank at the same step); a step module with nothing to train
+        (frozen backbone, sharded head) is not wrapped in DDP at all.
+        """
+        if frozen == self.frozen:
+            return
+        self.frozen = frozen
+        for p in self.model.parameters():
+            p.requires_grad_(not frozen)
+        module = steps.StepModule(self._backbone, self.objective.replica, self.amp_dtype)
+        trains = any(p.requires_grad for p in module.parameters())
+        self.step_module = steps.wrap(module, self.dist, self.device, self.data_parallel) if trains else module
+        if frozen:
+            self.log(f"backbone frozen (no gradient, BatchNorm statistics fixed) until step {self.freeze_steps} "
+                     f"(--freeze-backbone-epochs {self.cfg.freeze_backbone_epochs})")
+        else:
+            self.log(f"backbone unfrozen at step {self.step}")
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> int | None:
