@@ -69,7 +69,8 @@ def open_capture(source, what: str) -> cv2.VideoCapture:
         raise FileNotFoundError(f"{source}: no such video file")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
-        raise VideoError(f"{what}: OpenCV cannot open it as a video")
+        why = "no such camera, or no access to it" if isinstance(source, int) else "OpenCV cannot open it as a video"
+        raise VideoError(f"{what}: {why}")
     return cap
 
 
