@@ -12,6 +12,12 @@ resized as training does). Embeddings use flip TTA as evaluate.py does (--tta su
   infer.py identify MODEL bank.npz q1.jpg q2.jpg --top-k 3 --out results.csv
   infer.py verify MODEL a.jpg b.jpg
   infer.py export MODEL --onnx model.onnx --torchscript model.ts.pt
+  infer.py video MODEL bank.npz in.mp4 out.mp4           every face of every frame boxed and named
+  infer.py camera MODEL bank.npz --camera 0 --out live.avi --max-frames 300
+
+--detect (embed, facebank build/add, identify, verify): the images are raw photos; the chosen face
+(--face largest|central, --min-face, --min-score as in prepare_data.py align --detect) is found with
+MTCNN and aligned to the ArcFace template first. video and camera always detect (every face).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from utils.atomic import write_bytes, write_text
 from utils.errors import fail, user_errors
 
 PROG = "infer.py"
+NO_FACE = "no face"  # identify --detect: the answer for a photo without one
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
@@ -51,7 +58,23 @@ def _embed_flags(p: argparse.ArgumentParser) -> None:
                    help="flip TTA as in evaluation: sum = normalise(e(x)+e(flip x)), concat, none")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # --detect (raw photos: detect + align first) belongs here once detection/ offers a detector
+    _detect_flags(p, detect_switch=True)
+
+
+def _detect_flags(p: argparse.ArgumentParser, detect_switch: bool) -> None:
+    """--detect (raw photos: find the face with MTCNN and align it first) and the rules prepare_data.py
+    align --detect has; video/camera always detect, so they take the rules only."""
+    w = "with --detect: " if detect_switch else ""
+    if detect_switch:
+        p.add_argument("--detect", action="store_true",
+                       help="raw photos: find each image's face (MTCNN) and align it to the ArcFace 112x112 "
+                            "template before embedding (weights: pip install --no-deps facenet-pytorch==2.6.0)")
+        p.add_argument("--face", choices=("largest", "central"), default="largest",
+                       help=w + "which face of a photo")
+    p.add_argument("--min-face", type=float, default=20.0, metavar="PIXELS",
+                   help=w + "smallest face side kept (default 20)")
+    p.add_argument("--min-score", type=float, default=0.8,
+                   help=w + "smallest detector probability kept, 0-1 (default 0.8)")
 
 
 def _threshold_flag(p: argparse.ArgumentParser) -> None:
@@ -104,7 +127,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     for sp in (e, b, a, i, v):
         _embed_flags(sp)
     r.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    for name, what in (("video", "label every face of a video file: IN -> OUT (.mp4 mp4v or .avi MJPG)"),
+                       ("camera", "label faces live from a camera (or --source FILE); headless: --out and/or "
+                                  "per-frame lines")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("model", metavar="MODEL")
+        c.add_argument("bank", metavar="BANK")
+        if name == "video":
+            c.add_argument("input", metavar="IN", help="video file read with OpenCV")
+            c.add_argument("output", metavar="OUT", help="labelled video: same frame count, size and fps")
+            c.add_argument("--max-frames", type=int, default=0, help="stop after N frames (default: all)")
+        else:
+            c.add_argument("--camera", type=int, default=0, metavar="INDEX",
+                           help="camera index for cv2.VideoCapture (default 0; --device is the torch device)")
+            c.add_argument("--source", default="", metavar="FILE", help="read this video file instead of a camera")
+            c.add_argument("--out", default="", help="write the labelled frames to this .mp4 / .avi")
+            c.add_argument("--max-frames", type=int, default=0,
+                           help="stop after N frames (default: at the end of the stream or on Ctrl-C)")
+            c.add_argument("--quiet", action="store_true", help="no per-frame lines")
+        _model_flags(c)
+        _threshold_flag(c)
+        _detect_flags(c, detect_switch=False)
+        c.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _rules(args: argparse.Namespace, face: str | None = None):
+    """The DetectRules of --face/--min-face/--min-score, or None without --detect (video/camera: face='all')."""
+    from inference.faces import DetectRules, check_rules
+
+    if face is None and not args.detect:
+        return None
+    return check_rules(DetectRules(face=face or args.face, min_face=args.min_face, min_score=args.min_score))
 
 
 def _load(args: argparse.Namespace) -> EmbeddingModel:
@@ -124,7 +178,8 @@ def _report_failed(failed: Sequence[Tuple[str, str]]) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     model = _load(args)
-    result = embed_files(model, list_images(args.inputs), args.tta, args.batch_size, not args.no_progress)
+    result = embed_files(model, list_images(args.inputs), args.tta, args.batch_size, not args.no_progress,
+                         detect=_rules(args))
     emb = result.embeddings.astype(np.float32)
     buf = io.BytesIO()
     np.save(buf, emb)
@@ -148,6 +203,7 @@ def cmd_facebank(args: argparse.Namespace) -> int:
         print(f"removed {', '.join(args.names)}")
         _bank_summary(bank, args.bank)
         return 0
+    rules = _rules(args)
     model = _load(args)
     if args.action == "build":
         folders = fb.identity_folders(args.folder)
@@ -159,7 +215,8 @@ def cmd_facebank(args: argparse.Namespace) -> int:
             if not os.path.isdir(f):
                 raise FileNotFoundError(f"{f}: no such identity folder (expected DIR/<name>)")
             folders.append((os.path.basename(os.path.normpath(f)), f))
-    means, counts, failed = fb.embed_identities(model, folders, args.tta, args.batch_size, not args.no_progress)
+    means, counts, failed = fb.embed_identities(model, folders, args.tta, args.batch_size, not args.no_progress,
+                                                   detect=rules)
     for name in sorted(means):
         print(f"  {name}: {counts[name]} images")
     if args.action == "build":
@@ -196,29 +253,47 @@ def cmd_identify(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: write results.csv or results.json")
     if args.top_k < 1:
         raise ConfigError(f"--top-k {args.top_k}: must be >= 1")
+    rules = _rules(args)
     model = _load(args)
     bank = fb.load(args.bank)
     bank.check_model(model, args.bank, args.tta)
     threshold = resolve(args.model, model.kind, model.metadata, args.threshold)
     print(threshold.text())
-    result = embed_files(model, list_images(args.inputs), bank.tta, args.batch_size, not args.no_progress)
+    result = embed_files(model, list_images(args.inputs), bank.tta, args.batch_size, not args.no_progress,
+                         detect=rules)
     matches = fb.match(bank, result.embeddings, threshold.cosine, args.top_k)
     rows = [{"path": p, "identity": m.name, "score": m.score, "top_k": m.top} for p, m in zip(result.paths, matches)]
+    # with --detect, a photo without a face is an answer ("no face"), not a bad image
+    rows += [{"path": p, "identity": NO_FACE, "score": float("nan"), "top_k": []} for p in result.no_face]
     width = max([len(r["path"]) for r in rows] + [5])
     print(f"{'image':<{width}}  {'identity':<20} {'cosine':>7}" + ("  top-k" if args.top_k > 1 else ""))
     for r in rows:
         top = "  " + ", ".join(f"{n} {s:.3f}" for n, s in r["top_k"]) if args.top_k > 1 else ""
-        print(f"{r['path']:<{width}}  {r['identity']:<20} {r['score']:>7.4f}{top}")
+        score = f"{r['score']:>7.4f}" if r["top_k"] else f"{'-':>7}"
+        print(f"{r['path']:<{width}}  {r['identity']:<20} {score}{top}")
     if args.out:
         _write_results(args.out, rows)
         print(f"results -> {args.out}")
-    return _report_failed(result.failed)
+    return _report_failed([f for f in result.failed if f[0] not in set(result.no_face)])
+
+
+def _verify_image(path: str, rules) -> np.ndarray:
+    if rules is None:
+        return read_image(path)
+    from inference.faces import NoFaceError, read_face
+
+    try:
+        return read_face(path, rules)
+    except NoFaceError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    rules = _rules(args)
     model = _load(args)
     threshold = resolve(args.model, model.kind, model.metadata, args.threshold)
-    emb = embed_images(model, np.stack([read_image(args.image_a), read_image(args.image_b)]), args.tta)
+    emb = embed_images(model, np.stack([_verify_image(args.image_a, rules), _verify_image(args.image_b, rules)]),
+                       args.tta)
     cos = float(emb[0] @ emb[1])
     same = cos >= threshold.cosine
     print(threshold.text())
@@ -244,8 +319,69 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_setup(args: argparse.Namespace):
+    """Model, bank (checked against it), threshold and the labeller of video/camera."""
+    from inference.video import Labeller
+
+    if args.max_frames < 0:
+        raise ConfigError(f"--max-frames {args.max_frames}: expected >= 0 (0: no limit)")
+    rules = _rules(args, face="all")
+    model = _load(args)
+    bank = fb.load(args.bank)
+    bank.check_model(model, args.bank, bank.tta)
+    if not bank.names:
+        raise fb.FacebankError(f"{args.bank}: the facebank holds no identities")
+    threshold = resolve(args.model, model.kind, model.metadata, args.threshold)
+    print(threshold.text())
+    return Labeller(model, bank, threshold.cosine, rules)
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    from inference import video
+
+    video.codec_for(args.output)
+    labeller = _stream_setup(args)
+    cap = video.open_capture(args.input, args.input)
+    try:
+        fps, size = video.stream_fps(cap), video.stream_size(cap)
+        writer = video.open_writer(args.output, fps, size)
+        try:
+            summary = video.run_stream(cap, labeller, writer, args.max_frames, not args.no_progress)
+        finally:
+            writer.release()
+    finally:
+        cap.release()
+    print(f"{args.input}: {summary.text()} -> {args.output} ({size[0]}x{size[1]}, {fps:g} fps, "
+          f"{video.codec_for(args.output)})")
+    return 0
+
+
+def cmd_camera(args: argparse.Namespace) -> int:
+    from inference import video
+
+    if args.out:
+        video.codec_for(args.out)
+    labeller = _stream_setup(args)
+    what = args.source or f"camera {args.camera}"
+    cap = video.open_capture(args.source or args.camera, what)
+    writer = None
+    try:
+        fps, size = video.stream_fps(cap), video.stream_size(cap)
+        if args.out:
+            writer = video.open_writer(args.out, fps, size)
+        show = None if args.quiet else (lambda i, faces: print(video.frame_line(i, faces), flush=True))
+        summary = video.run_stream(cap, labeller, writer, args.max_frames, not args.no_progress and args.quiet,
+                                   per_frame=show)
+    finally:
+        if writer is not None:
+            writer.release()
+        cap.release()
+    print(f"{what}: {summary.text()}" + (f" -> {args.out} ({size[0]}x{size[1]}, {fps:g} fps)" if args.out else ""))
+    return 0
+
+
 COMMANDS = {"embed": cmd_embed, "facebank": cmd_facebank, "identify": cmd_identify, "verify": cmd_verify,
-            "export": cmd_export}
+            "export": cmd_export, "video": cmd_video, "camera": cmd_camera}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from data.transforms import normalize
 from evaluation.embed import TTA_MODES
 from utils.files import UnreadableFileError, max_image_bytes, read_regular
 
+from .faces import DetectRules, NoFaceError, read_face
 from .model import INPUT_SIZE, EmbeddingModel
 
 
@@ -65,11 +66,13 @@ def embed_images(model: EmbeddingModel, images: np.ndarray, tta: str = "sum") ->
 
 @dataclass
 class Embedded:
-    """Rows of the images that could be used, their paths in row order, and (path, reason) of the rest."""
+    """Rows of the images that could be used, their paths in row order, and (path, reason) of the rest
+    (``no_face``: those of the failed paths that were read but held no face, with detection)."""
 
     embeddings: np.ndarray
     paths: List[str]
     failed: List[Tuple[str, str]] = field(default_factory=list)
+    no_face: List[str] = field(default_factory=list)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -78,8 +81,16 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
 
 
 def embed_files(model: EmbeddingModel, paths: Sequence[str], tta: str = "sum", batch_size: int = 64,
-                progress: bool = False, desc: str = "embed") -> Embedded:
-    """Read, decode and embed ``paths`` in batches (float64 rows); unreadable files are listed, not fatal."""
+                progress: bool = False, desc: str = "embed", detect: DetectRules | None = None) -> Embedded:
+    """Read, decode and embed ``paths`` in batches (float64 rows); unreadable files are listed, not fatal.
+
+    ``detect``: the files are raw photos; each one's chosen face is found and aligned first
+    (inference.faces), and a photo with no face is listed as failed.
+    """
+    def load(path: str) -> np.ndarray:
+        return read_image(path) if detect is None else read_face(path, detect)
+
+    no_face: List[str] = []
     rows: List[np.ndarray] = []
     ok: List[str] = []
     failed: List[Tuple[str, str]] = []
@@ -88,12 +99,15 @@ def embed_files(model: EmbeddingModel, paths: Sequence[str], tta: str = "sum", b
             images = []
             for path in chunk:
                 try:
-                    images.append(read_image(path))
+                    images.append(load(path))
                     ok.append(path)
+                except NoFaceError as exc:
+                    no_face.append(path)
+                    failed.append((path, str(exc)))
                 except (OSError, ValueError) as exc:
                     failed.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
             if images:
                 rows.append(embed_images(model, np.stack(images), tta))
             bar.update(len(chunk))
     emb = np.concatenate(rows) if rows else np.zeros((0, output_size(model, tta)), np.float64)
-    return Embedded(emb, ok, failed)
+    return Embedded(emb, ok, failed, no_face)

@@ -20,6 +20,7 @@ from utils.errors import UserError
 from utils.files import read_regular
 
 from .embed import embed_files, list_images
+from .faces import DetectRules
 from .model import EmbeddingModel
 
 FORMAT = "facetrain-facebank/1"
@@ -92,8 +93,11 @@ def mean_embedding(rows: np.ndarray) -> np.ndarray:
 
 
 def embed_identities(model: EmbeddingModel, folders: Sequence[Tuple[str, str]], tta: str, batch_size: int,
-                     progress: bool) -> Tuple[Dict[str, np.ndarray], Dict[str, int], List[Tuple[str, str]]]:
-    """name -> mean embedding and image count of each folder with at least one usable image; failures listed."""
+                     progress: bool, detect: DetectRules | None = None
+                     ) -> Tuple[Dict[str, np.ndarray], Dict[str, int], List[Tuple[str, str]]]:
+    """name -> mean embedding and image count of each folder with at least one usable image; failures listed.
+
+    ``detect``: DetectRules when the folders hold raw photos (inference.embed.embed_files)."""
     means: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {}
     failed: List[Tuple[str, str]] = []
@@ -101,7 +105,7 @@ def embed_identities(model: EmbeddingModel, folders: Sequence[Tuple[str, str]], 
         if not name or name != name.strip() or "\n" in name:
             failed.append((folder, "identity name is empty or has surrounding blanks"))
             continue
-        result = embed_files(model, list_images([folder]), tta, batch_size, progress, desc=name)
+        result = embed_files(model, list_images([folder]), tta, batch_size, progress, desc=name, detect=detect)
         failed.extend(result.failed)
         if len(result.paths) == 0:
             failed.append((folder, "no usable images: identity left out"))
