@@ -73,9 +73,14 @@ class EmbeddingModel:
 
 
 def _torch_forward(module: nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+    """Batches through ``module`` in channels_last (as evaluation runs it: faster convolutions on
+    CPUs and GPUs; the numbers agree with the contiguous layout to float rounding)."""
+    module.to(memory_format=torch.channels_last)
+
     def forward(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
+            t = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+            return module(t).float().cpu().numpy()
     return forward
 
 
