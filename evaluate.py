@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 
 import backbones
-from backbones.weights import describe_backbone, mismatch_report, state_dict_of
 from config import ConfigError, check_range
 from engine.distributed import resolve_device
 from evaluation.embed import TTA_MODES
@@ -42,7 +41,7 @@ from evaluation.targets import Target, evaluate_targets, load_targets, mean_accu
 from utils.atomic import write_atomic
 from utils.errors import fail, user_errors
 from utils.runtime import keep_freed_memory
-from utils.torchfile import CheckpointError, check_finite, load_file, sha256_file
+from utils.torchfile import sha256_file
 
 
 @dataclass
@@ -120,23 +119,8 @@ def load_model(path: str, args: argparse.Namespace) -> LoadedModel:
     Every field is validated before the model is built (backbones.weights.describe_backbone), and
     weights holding NaN/inf are refused: a diverged model would otherwise score a meaningless 50%.
     """
-    data = load_file(path)
-    info = describe_backbone(data, path)
-    if info is None:
-        if not args.backbone:
-            raise ConfigError(f"{path}: foreign weights (not written by train.py): say which architecture "
-                              f"with --backbone NAME")
-        info = {"backbone": args.backbone, "embedding_size": args.embedding_size, "channel_order": "rgb",
-                "state_dict": state_dict_of(data, path)}
-    name = args.backbone or info["backbone"]
-    order = args.input_order or info["channel_order"]
-    state = info["state_dict"]
-    check_finite(state, path)
-    model = backbones.build(name, embedding_size=info["embedding_size"], channel_order=order)
-    problems = mismatch_report(model.state_dict(), state)
-    if problems:
-        raise CheckpointError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
-    model.load_state_dict(state)
+    loaded = backbones.from_file(path, args.backbone, args.embedding_size, args.input_order)
+    model, name, order = loaded.model, loaded.name, loaded.channel_order
     return LoadedModel(os.path.relpath(path), path, model, name, order)
 
 

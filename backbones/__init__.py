@@ -12,10 +12,14 @@ and importing that file below.
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, Dict, List, NamedTuple
+
+import torch
+
+from utils.torchfile import CheckpointError, check_finite, load_file
 
 from .base import BACKBONES, SPECS, BackboneSpec, FaceBackbone, check_channel_order, check_head_args, register_backbone
-from .weights import load_state_dict_file, load_weights
+from .weights import describe_backbone, load_state_dict_file, load_weights, mismatch_report, state_dict_of
 
 register = BACKBONES.register
 
@@ -40,6 +44,41 @@ def build(name: str, embedding_size: int = 512, dropout: float = 0.0, channel_or
                            **kwargs)
 
 
+class LoadedBackbone(NamedTuple):
+    model: FaceBackbone
+    name: str  # the architecture built
+    channel_order: str  # the order the weights expect ('rgb' or 'bgr')
+    state_dict: Dict[str, torch.Tensor]  # the weights loaded
+
+
+def from_file(path: str, backbone: str = "", embedding_size: int = 512, input_order: str = "") -> LoadedBackbone:
+    """Rebuild the backbone a weights file describes, with its weights: our backbone.pt, a training
+    checkpoint's model, or foreign weights (``backbone`` names their architecture; ``embedding_size``
+    their width). ``backbone`` / ``input_order`` given override what the file says.
+
+    Every field is validated before the model is built; weights holding NaN/inf and weights that do
+    not fit (the short mismatch report) are refused, as one CheckpointError line naming the file.
+    """
+    data = load_file(path)
+    info = describe_backbone(data, path)
+    if info is None:
+        if not backbone:
+            raise CheckpointError(f"{path}: foreign weights (not written by train.py): say which architecture "
+                                  f"with --backbone NAME")
+        info = {"backbone": backbone, "embedding_size": embedding_size, "channel_order": "rgb",
+                "state_dict": state_dict_of(data, path)}
+    name = backbone or info["backbone"]
+    order = input_order or info["channel_order"]
+    state = info["state_dict"]
+    check_finite(state, path)
+    model = build(name, embedding_size=info["embedding_size"], channel_order=order)
+    problems = mismatch_report(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return LoadedBackbone(model, name, order, state)
+
+
 def names() -> List[str]:
     """All registered backbone names, sorted."""
     return BACKBONES.names()
@@ -52,5 +91,17 @@ def spec(name: str) -> BackboneSpec:
     return SPECS.get(name.lower(), BackboneSpec(name.lower(), family="-"))
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "FaceBackbone", "build", "load_state_dict_file", "load_weights", "names",
-           "register", "register_backbone", "spec"]
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "FaceBackbone",
+    "LoadedBackbone",
+    "build",
+    "from_file",
+    "load_state_dict_file",
+    "load_weights",
+    "names",
+    "register",
+    "register_backbone",
+    "spec",
+]

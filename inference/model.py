@@ -22,10 +22,8 @@ import torch
 import torch.nn as nn
 
 import backbones
-from backbones.weights import describe_backbone, mismatch_report, state_dict_of
 from utils.errors import UserError
 from utils.files import check_regular
-from utils.torchfile import CheckpointError, check_finite, load_file
 
 INPUT_SIZE = (112, 112)
 NORMALISATION = "(x/255 - 0.5) / 0.5"  # data.transforms.normalize: uint8 -> [-1, 1]
@@ -88,26 +86,11 @@ def load_torch(path: str, backbone: str = "", embedding_size: int = 512, input_o
                device: str = "cpu") -> EmbeddingModel:
     """Rebuild the backbone a backbone.pt / checkpoint.pt describes (as evaluate.py does), or
     ``backbone`` for foreign weights; NaN/inf weights and a state_dict that does not fit are refused."""
-    data = load_file(path)
-    info = describe_backbone(data, path)
-    if info is None:
-        if not backbone:
-            raise ModelError(f"{path}: foreign weights (not written by train.py): say which architecture with "
-                             f"--backbone NAME")
-        info = {"backbone": backbone, "embedding_size": embedding_size, "channel_order": "rgb",
-                "state_dict": state_dict_of(data, path)}
-    name = backbone or info["backbone"]
-    order = input_order or info["channel_order"]
-    state = info["state_dict"]
-    check_finite(state, path)
-    module = backbones.build(name, embedding_size=info["embedding_size"], channel_order=order)
-    problems = mismatch_report(module.state_dict(), state)
-    if problems:
-        raise CheckpointError(f"{path} does not fit backbone {name!r}: " + "; ".join(problems))
-    module.load_state_dict(state)
+    loaded = backbones.from_file(path, backbone, embedding_size, input_order)
+    module, name, order, state = loaded.model, loaded.name, loaded.channel_order, loaded.state_dict
     dev = torch.device(device)
     module.to(dev).eval()
-    return EmbeddingModel(path, "torch", name, int(info["embedding_size"]), order, weights_sha256(state),
+    return EmbeddingModel(path, "torch", name, int(module.embedding_size), order, weights_sha256(state),
                           _torch_forward(module, dev), module=module)
 
 
