@@ -88,18 +88,22 @@ def _require(parity: Parity) -> Parity:
     return parity
 
 
+def _reference(model: EmbeddingModel, real_images: np.ndarray | None):
+    """(the torch module in fp32 on the CPU, the check inputs, their torch embeddings) for an export."""
+    if model.module is None:
+        raise ExportError(f"{model.path}: export needs the torch weights (backbone.pt / checkpoint.pt), "
+                          f"not an exported model")
+    module = model.module.float().cpu().eval()
+    inputs = check_inputs(real_images)
+    return module, inputs, _torch_outputs(module, inputs)
+
+
 def write_onnx(model: EmbeddingModel, path: str, exporter: str = "dynamo",
                real_images: np.ndarray | None = None) -> Parity:
     """Export ``model`` (torch) to ``path`` with metadata; parity-checked before it gets its name."""
     import onnx  # optional dependencies: only export needs them
 
-    module = model.module
-    if module is None:
-        raise ExportError(f"{model.path}: export needs the torch weights (backbone.pt / checkpoint.pt), "
-                          f"not an exported model")
-    module = module.float().cpu().eval()
-    inputs = check_inputs(real_images)
-    reference = _torch_outputs(module, inputs)
+    module, inputs, reference = _reference(model, real_images)
     extra: Dict[str, object] = {"exporter": exporter, "opset": EXPORTERS[exporter]}
     found = from_eval_json(model.path)
     if found is not None:
@@ -130,13 +134,7 @@ def write_onnx(model: EmbeddingModel, path: str, exporter: str = "dynamo",
 
 def write_torchscript(model: EmbeddingModel, path: str, real_images: np.ndarray | None = None) -> Parity:
     """Trace ``model`` to a TorchScript file; reloaded from disk and parity-checked before it gets its name."""
-    module = model.module
-    if module is None:
-        raise ExportError(f"{model.path}: export needs the torch weights (backbone.pt / checkpoint.pt), "
-                          f"not an exported model")
-    module = module.float().cpu().eval()
-    inputs = check_inputs(real_images)
-    reference = _torch_outputs(module, inputs)
+    module, inputs, reference = _reference(model, real_images)
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.inference_mode(False), torch.no_grad():
