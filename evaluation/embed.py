@@ -21,17 +21,24 @@ from utils.registry import UnknownNameError, unknown_name_message
 
 
 class TTAMode(NamedTuple):
-    """How the views of an image become one embedding: ``combine(e(x), e(flip x) or None)``."""
+    """How the views of an image become one embedding: ``combine(e(x), e(flip x) or None)``.
+
+    ``join`` is the raw (un-normalised) combination: IJB's face features keep the norm, which the
+    protocol uses as a quality weight; ``combine`` is ``join`` L2-normalised (verification).
+    """
 
     flip: bool  # whether the flipped view is computed at all
-    combine: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+    join: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+    def combine(self, e: torch.Tensor, ef: torch.Tensor | None) -> torch.Tensor:
+        return F.normalize(self.join(e, ef), dim=1)
 
 
 # sum: the insightface protocol; concat: Face_Pytorch (twice the dimension); none: no flip
 TTA_MODES: dict[str, TTAMode] = {
-    "sum": TTAMode(True, lambda e, ef: F.normalize(e + ef, dim=1)),
-    "concat": TTAMode(True, lambda e, ef: F.normalize(torch.cat([e, ef], dim=1), dim=1)),
-    "none": TTAMode(False, lambda e, ef: F.normalize(e, dim=1)),
+    "sum": TTAMode(True, lambda e, ef: e + ef),
+    "concat": TTAMode(True, lambda e, ef: torch.cat([e, ef], dim=1)),
+    "none": TTAMode(False, lambda e, ef: e),
 }
 
 
@@ -58,6 +65,7 @@ def embed(
     progress: bool = False,
     desc: str = "embed",
     return_norms: bool = False,
+    normalize_rows: bool = True,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """L2-normalised float64 embeddings of uint8 RGB images (N,H,W,3) or (N,3,H,W).
 
@@ -78,7 +86,8 @@ def embed(
     ``none`` normalise(e(x)). The views are combined in float64.
 
     With ``return_norms`` also returns the L2 norm of each raw, un-flipped e(x)
-    (float64, shape (N,)): the per-image "XNorm" insightface reports.
+    (float64, shape (N,)): the per-image "XNorm" insightface reports. With ``normalize_rows`` False
+    the combined views are returned un-normalised (float64): IJB's face features.
     """
     if tta not in TTA_MODES:
         raise UnknownNameError(unknown_name_message("tta mode", tta, list(TTA_MODES)))
@@ -101,7 +110,7 @@ def embed(
                 x = normalize(t.to(device, non_blocking=True), channels_last=channels_last)
                 e = model(x).double()
                 ef = model(x.flip(3)).double() if mode.flip else None
-                out.append(mode.combine(e, ef).cpu().numpy())
+                out.append((mode.combine(e, ef) if normalize_rows else mode.join(e, ef)).cpu().numpy())
                 norms.append(torch.linalg.vector_norm(e, dim=1).cpu().numpy())
                 bar.update(len(t))
             bar.close()

@@ -57,11 +57,11 @@ def read_image(path: str) -> np.ndarray:
 
 def embed_images(model: EmbeddingModel, images: np.ndarray, tta: str = "sum") -> np.ndarray:
     """float64 L2-normalised rows of one batch of uint8 RGB images (N,112,112,3) or (N,3,112,112)."""
-    flip, combine = TTA_MODES[tta]
+    mode = TTA_MODES[tta]
     x = normalize(torch.from_numpy(np.ascontiguousarray(images)))
     e = torch.from_numpy(model.forward(x.numpy())).double()
-    ef = torch.from_numpy(model.forward(x.flip(3).numpy())).double() if flip else None
-    return combine(e, ef).numpy()
+    ef = torch.from_numpy(model.forward(x.flip(3).numpy())).double() if mode.flip else None
+    return mode.combine(e, ef).numpy()
 
 
 @dataclass
