@@ -109,7 +109,7 @@ def _gapped_ids(rng: np.random.Generator, n: int) -> List[int]:
     return [int(v) for v in rng.permutation(ids)]
 
 
-def _placements(rng: np.random.Generator, frames: int, d: float) -> Tuple[Tuple[int, int], List[np.ndarray]]:
+def _placements(rng: np.random.Generator, frames: int) -> Tuple[Tuple[int, int], List[np.ndarray]]:
     """Loose-crop size and one crop->loose matrix per frame of a media: one base similarity plus
     small per-frame jitter; the loose crop grows so that every frame's whole crop lies inside."""
     angle0, scale0 = rng.uniform(-ROTATION_DEG, ROTATION_DEG), rng.uniform(*SCALE_RANGE)
@@ -155,7 +155,7 @@ def ijb_plan(subjects: int, seed: int = 0, difficulty: float = 0.3, target: str 
         for n in frames[t]:
             mid = next(mids)
             mrng = np.random.default_rng([seed, 21, mid])
-            size, mats = _placements(mrng, n, d)
+            size, mats = _placements(mrng, n)
             background = tuple(int(v) for v in mrng.integers(0, 2 ** 31, 2))
             # a video keeps its head pose (yaw, with small drift); a still draws it freely
             yaw0 = min(48 * min(d, 1.25), max(-48 * min(d, 1.25), 16 * d * float(mrng.standard_normal())))
