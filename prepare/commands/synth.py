@@ -9,7 +9,8 @@ from prepare.commands.base import Command
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output folder (train.rec/.idx/property + seven .bin files)")
+    p.add_argument("--out", required=True,
+                   help="output folder (train.rec/.idx/property + seven .bin files; with --ijb also OUT/IJBC)")
     p.add_argument("--identities", type=int, default=300, help="training identities (classes)")
     p.add_argument("--images-per-id", type=int, default=20, help="training images per identity")
     p.add_argument("--pairs", type=float, default=0.05,
@@ -22,9 +23,38 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored images")
     p.add_argument("--workers", type=int, default=1, help="rendering processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ijb = p.add_argument_group("synthetic IJB set (the release layout: OUT/IJBC/loose_crop + meta)")
+    ijb.add_argument("--ijb", action="store_true",
+                     help="also write a synthetic IJB-C (or --ijb-target IJBB) set of held-out identities under OUT")
+    ijb.add_argument("--ijb-only", action="store_true", help="write only the IJB set (implies --ijb)")
+    ijb.add_argument("--ijb-target", choices=["IJBC", "IJBB"], default="IJBC",
+                     help="folder and file names: IJBC (ijbc_*, galleries G1/G2) or IJBB (ijbb_*, S1/S2)")
+    ijb.add_argument("--ijb-subjects", type=int, default=200,
+                     help="IJB subjects: each has 1 gallery template and 2 probe templates, ~13 faces in all; "
+                          "pairs = 2 x subjects^2 (every probe against every gallery template)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.ijb_only:
+        _run_pack(args)
+    if args.ijb or args.ijb_only:
+        _run_ijb(args)
+    return 0
+
+
+def _run_ijb(args: argparse.Namespace) -> None:
+    from prepare.synth import generate_ijb
+
+    s = generate_ijb(args.out, subjects=args.ijb_subjects, seed=args.seed, difficulty=args.difficulty,
+                     jpeg_quality=args.jpeg_quality, target=args.ijb_target, workers=args.workers,
+                     progress=not args.no_progress)
+    galleries = ", ".join(f"{k} {v}" for k, v in s["gallery_subjects"].items())
+    print(f"synth: {s['root']}: {s['faces']} faces, {s['media']} media, {s['templates']} templates "
+          f"(gallery subjects {galleries}; {s['probe_templates']} probe templates), {s['pairs']} pairs "
+          f"({s['genuine']} genuine) ({s['seconds']:.1f} s)")
+
+
+def _run_pack(args: argparse.Namespace) -> None:
     from prepare.synth import generate_dataset
 
     t0 = time.perf_counter()
@@ -34,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     sets_txt = ", ".join(f"{k} {v['pairs']}" for k, v in summary["sets"].items())
     print(f"synth: {args.out}: {summary['train_images']} training images of {summary['train_classes']} "
           f"identities; verification pairs: {sets_txt} ({time.perf_counter() - t0:.1f} s)")
-    return 0
 
 
 COMMAND = Command("synth", "Generate synthetic face identities in the insightface layout (train.rec + 7 .bin).",

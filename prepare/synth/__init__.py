@@ -16,6 +16,9 @@ shrunk with INTER_AREA. Every image's RNG is derived from
 (seed, set, identity, image index), so output bytes depend only on the
 arguments, never on the number of worker processes.
 
+ijb.py writes a small IJB-B/IJB-C set of held-out identities in the release layout
+(loose crops, 5 points, faceness, media, templates, pairs, 1:N galleries).
+
 Units: pose angles in degrees; lengths in pixels of the 112x112 frame.
 """
 
@@ -30,9 +33,11 @@ from prepare.synth.dataset import (
                                 pair_count,
                                 render_job,
 )
+from prepare.synth.ijb import generate_ijb, ijb_pairs, ijb_plan, render_crop, render_loose
 from prepare.synth.render import SIZE, render_face
 from prepare.synth.traits import age_traits, lookalike_traits, render_identity_traits
 
 __all__ = ["SET_CHARACTER", "SIZE", "TRAIN_TURNED", "VERIFICATION_PAIRS", "age_traits", "dataset_jobs",
-           "generate_dataset", "identity_traits", "lookalike_keep", "lookalike_traits", "pair_count", "render_face",
-           "render_identity_traits", "render_job"]
+           "generate_dataset", "generate_ijb", "identity_traits", "ijb_pairs", "ijb_plan", "lookalike_keep",
+           "lookalike_traits", "pair_count", "render_crop", "render_face", "render_identity_traits", "render_job",
+           "render_loose"]
