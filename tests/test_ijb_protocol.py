@@ -97,8 +97,10 @@ def test_pair_scores_equal_the_per_pair_loop():
     t1, t2 = rng.choice(ids, 500), rng.choice(ids, 500)
     want = brute_templates(raw.astype(np.float64), templates, medias)
     loop = np.array([sum(a * b for a, b in zip(want[x], want[y])) for x, y in zip(t1, t2)])
-    for chunk in (1, 37, 1 << 14):
-        np.testing.assert_allclose(pair_scores(ids, tf, t1, t2, chunk=chunk), loop, rtol=0, atol=1e-12)
+    for chunk, tile, density in ((1, 8, math.inf), (37, 8, math.inf), (1 << 14, 8, 0.0), (64, 8, 0.5), (99, 1000, 0)):
+        # all pairs gathered; all by tile products (small tiles / one tile); a mix of both
+        got = pair_scores(ids, tf, t1, t2, chunk=chunk, tile=tile, min_density=density)
+        np.testing.assert_allclose(got, loop, rtol=0, atol=1e-12)
 
 
 def test_unknown_template_names_id_and_first_pair():
