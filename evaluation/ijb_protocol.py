@@ -311,8 +311,8 @@ def identification(template_ids: np.ndarray, template_feats: np.ndarray, probe_t
 
     gal_sets: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
     for name, (g_t, g_s) in galleries.items():
+        _rows_or_raise(template_ids, g_t, name)  # first, so the error names the list row as read
         gal_sets[name] = _unique_rows(g_t, g_s, name)
-        _rows_or_raise(template_ids, gal_sets[name][0], name)
     union_t, union_s = _unique_rows(np.concatenate([t for t, _ in gal_sets.values()]),
                                     np.concatenate([s for _, s in gal_sets.values()]), "gallery")
     subj_sorted, subj_count = np.unique(union_s, return_counts=True)
@@ -322,6 +322,7 @@ def identification(template_ids: np.ndarray, template_feats: np.ndarray, probe_t
                                f"({', '.join(map(str, union_t[union_s == subj]))}); the protocol needs one")
     gal_feats = feats[_rows_or_raise(template_ids, union_t, "gallery")]
 
+    _rows_or_raise(template_ids, probe_templates, "probe")
     probe_t, probe_s = _unique_rows(probe_templates, probe_subjects, "probe")
     probe_feats = feats[_rows_or_raise(template_ids, probe_t, "probe")]
     by_subject = np.argsort(union_s)

@@ -244,5 +244,9 @@ def test_identification_rejects_a_subject_with_two_templates_and_unknown_probes(
     with pytest.raises(IJBProtocolError, match="subject 7"):
         identification(ids, tf, np.array([3]), np.array([7]), {"G1": (np.array([1]), np.array([7])),
                                                                "G2": (np.array([2]), np.array([7]))})
-    with pytest.raises(UnknownTemplateError, match="probe row 0"):
-        identification(ids, tf, np.array([4]), np.array([7]), {"G1": (np.array([1]), np.array([7]))})
+    with pytest.raises(UnknownTemplateError, match="probe row 2") as err:  # the row as given, not after merging
+        identification(ids, tf, np.array([3, 3, 4]), np.array([7, 7, 7]), {"G1": (np.array([1]), np.array([7]))})
+    assert (err.value.template, err.value.index, err.value.source) == (4, 2, "probe")
+    with pytest.raises(UnknownTemplateError, match="G2 row 1"):
+        identification(ids, tf, np.array([3]), np.array([7]), {"G1": (np.array([1]), np.array([7])),
+                                                               "G2": (np.array([2, 8]), np.array([5, 5]))})
