@@ -20,12 +20,16 @@ venv: $(STAMP)
 $(DATA)/property: | $(STAMP)
 	$(PY) prepare_data.py synth --out $(DATA) --identities 400 --images-per-id 15 --pairs 0.02 --difficulty 0.3
 
-# Generate the synthetic set (once), train MobileFaceNet + ArcFace on the CPU,
-# then evaluate the untrained and the trained weights side by side.
-demo: $(STAMP) $(DATA)/property
+$(DATA)/IJBC/meta/ijbc_template_pair_label.txt: | $(STAMP)
+	$(PY) prepare_data.py synth --out $(DATA) --ijb-only --ijb-subjects 60 --difficulty 0.3
+
+# Generate the synthetic sets (once), train MobileFaceNet + ArcFace on the CPU, then evaluate
+# the untrained and the trained weights side by side: the seven .bin sets and a synthetic IJB-C.
+demo: $(STAMP) $(DATA)/property $(DATA)/IJBC/meta/ijbc_template_pair_label.txt
 	rm -rf $(RUN)
 	$(PY) train.py --preset demo --data $(DATA) --output $(RUN) --save-init
-	$(PY) evaluate.py $(RUN)/backbone_init.pt $(RUN)/backbone.pt --data $(DATA) --report $(RUN) --batch-size 64
+	$(PY) evaluate.py $(RUN)/backbone_init.pt $(RUN)/backbone.pt --data $(DATA) --ijb $(DATA)/IJBC \
+		--report $(RUN) --batch-size 64
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Sequence
 
+from evaluation import ijb_report
 from evaluation.protocol import VerificationResult
 from utils.atomic import write_json, write_text
 from utils.errors import UserError
@@ -108,40 +109,55 @@ def format_details(row: Dict[str, Any], targets: List[str]) -> str:
 
 
 def console_text(rows: List[Dict[str, Any]], targets: List[str], missing: List[str], data: str, tta: str) -> str:
-    """What evaluate.py prints: the accuracy table, then each checkpoint's detail table."""
-    parts = [f"\nverification accuracy (%) on {data}, tta={tta}: mean +- std over 10 folds",
-             format_table(rows, targets, missing)]
-    for row in rows:
-        parts += [f"\n{row['label']}: rates in %", format_details(row, targets)]
-    return "\n".join(parts)
+    """What evaluate.py prints: the accuracy table, each checkpoint's detail table, then the IJB tables.
+
+    Without .bin targets (an IJB-only run) the verification part is left out.
+    """
+    parts: List[str] = []
+    if targets or missing:
+        parts += [f"\nverification accuracy (%) on {data}, tta={tta}: mean +- std over 10 folds",
+                  format_table(rows, targets, missing)]
+        for row in rows:
+            parts += [f"\n{row['label']}: rates in %", format_details(row, targets)]
+    return "\n".join(parts) + ijb_report.console_text(rows)
 
 
 def markdown(rows: List[Dict[str, Any]], targets: List[str], missing: List[str], data: str, tta: str) -> str:
-    """eval.md: the table ready to paste, with what the numbers mean written beside it."""
-    lines = [f"# Verification on `{data}` (tta={tta})", "", format_table(rows, targets, missing), "", HOW_TO_READ,
-             "", f"Protocol: {PROTOCOL}", ""]
-    for row in rows:
-        lines += [f"## `{row['label']}`", "", f"{row['backbone']}, {row['channel_order']} input, "
-                  f"sha256 `{row['sha256'][:16]}`; rates in %", "", format_details(row, targets), ""]
+    """eval.md: the tables ready to paste, with what the numbers mean written beside them."""
+    lines: List[str] = []
+    if targets or missing:
+        lines += [f"# Verification on `{data}` (tta={tta})", "", format_table(rows, targets, missing), "",
+                  HOW_TO_READ, "", f"Protocol: {PROTOCOL}", ""]
+        for row in rows:
+            lines += [f"## `{row['label']}`", "", f"{row['backbone']}, {row['channel_order']} input, "
+                      f"sha256 `{row['sha256'][:16]}`; rates in %", "", format_details(row, targets), ""]
+    lines += ijb_report.markdown(rows)
     return "\n".join(lines) + "\n"
 
 
 def write_report(report_dir: str, rows: List[Dict[str, Any]], data_sets: Mapping[str, Dict[str, Any]],
-                 missing: Sequence[str], data: str, tta: str) -> str:
-    """eval.json, eval.md and roc_<checkpoint>.png in ``report_dir``; returns the eval.json path.
+                 missing: Sequence[str], data: str, tta: str,
+                 ijb_curves: Mapping[str, Mapping[str, Dict[str, Any]]] | None = None) -> str:
+    """eval.json, eval.md, roc_<checkpoint>.png (and roc_ijb_<checkpoint>.png) in ``report_dir``.
 
     ``data_sets``: target name -> {"path", "sha256", "pairs"} of the .bin files scored, in table order.
+    ``ijb_curves``: checkpoint path -> IJB set -> {"fpr", "tpr"} of its 1:1 ROC (the rows carry the
+    IJB numbers under "ijb"; the curves stay out of eval.json). Returns the eval.json path.
     Refuses (ReportError) a foreign eval.json there, as check_report_dir does, before writing anything.
     """
     check_report_dir(report_dir)
     targets, missing = list(data_sets), list(missing)
     report = {"schema": SCHEMA, "protocol": PROTOCOL, "tta": tta, "code_version": code_version(),
               "data": dict(data_sets), "missing_targets": missing, "checkpoints": rows}
+    if any(row.get("ijb") for row in rows):
+        report["ijb_protocol"] = ijb_report.PROTOCOL
     path = os.path.join(report_dir, REPORT_FILE)
     write_json(path, report)
     write_text(os.path.join(report_dir, "eval.md"), markdown(rows, targets, missing, data, tta))
     for row in rows:
         name = os.path.splitext(os.path.basename(row["path"]))[0]
-        plot_roc({t: row["results"][t] for t in targets}, os.path.join(report_dir, f"roc_{name}.png"),
-                 title=f"ROC: {row['label']} (tta={tta})")
+        if targets:
+            plot_roc({t: row["results"][t] for t in targets}, os.path.join(report_dir, f"roc_{name}.png"),
+                     title=f"ROC: {row['label']} (tta={tta})")
+        ijb_report.plot_rocs(report_dir, row, (ijb_curves or {}).get(row["path"], {}))
     return path

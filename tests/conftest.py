@@ -80,3 +80,35 @@ def damaged_pack(tiny_pack, tmp_path):
     data[off:off + 4] = b"\0\0\0\0"
     (pack / "train.rec").write_bytes(bytes(data))
     return str(pack)
+
+
+#: The quickly trained model shared by the end-to-end tests (facebank, IJB): seed 1, difficulty 0
+#: (the most distinct identities), mobilefacenet 64-d on 24 identities x 5 images for 8 epochs.
+QUICK_SEED, QUICK_DIFFICULTY, QUICK_IDS, QUICK_PER_ID = 1, 0.0, 24, 5
+
+
+@pytest.fixture(scope="session")
+def quick_trained(tmp_path_factory):
+    """{"root", "pack", "run", "info"}: a model trained once per session (about 40 s of CPU).
+
+    Training runs on one torch thread (restored afterwards): the trained weights, hence the
+    counts the end-to-end tests assert, do not depend on the machine's core count.
+    """
+    import torch
+
+    import train
+    from prepare.synth import generate_dataset
+
+    root = str(tmp_path_factory.mktemp("quick_trained"))
+    pack, run = os.path.join(root, "pack"), os.path.join(root, "run")
+    info = generate_dataset(pack, identities=QUICK_IDS, images_per_id=QUICK_PER_ID, pairs=0.005, seed=QUICK_SEED,
+                            difficulty=QUICK_DIFFICULTY, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(["--data", pack, "--output", run, "--backbone", "mobilefacenet", "--embedding-size", "64",
+                           "--batch-size", "16", "--epochs", "8", "--lr", "0.1", "--num-workers", "0",
+                           "--no-progress", "--eval-every", "-1", "--log-every", "100"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return {"root": root, "pack": pack, "run": run, "info": info}

@@ -6,7 +6,7 @@ The reference is the ground truth of the synthetic generator: which identity eac
 from. Training runs on one torch thread (restored afterwards): the trained weights, hence the
 counts below, then do not depend on the machine's core count, and two shared cores are not
 oversubscribed. Cost measured: training mobilefacenet 64-d on 24 identities x 5 images for 8
-epochs about 39 s of CPU; the whole module about 50 s.
+epochs (the session fixture quick_trained in conftest.py, shared with the IJB test) about 39 s of CPU.
 """
 
 import contextlib
@@ -17,16 +17,15 @@ import os
 import cv2
 import numpy as np
 import pytest
-import torch
 
 import evaluate
 import infer
-import train
-from prepare.synth import generate_dataset
 from prepare.synth.dataset import render_job
+from tests.conftest import QUICK_DIFFICULTY as DIFFICULTY  # the shared quick_trained model
+from tests.conftest import QUICK_IDS as TRAIN_IDS
+from tests.conftest import QUICK_PER_ID as PER_ID
+from tests.conftest import QUICK_SEED as SEED
 
-SEED, DIFFICULTY = 1, 0.0  # difficulty 0: the most distinct identities
-TRAIN_IDS, PER_ID = 24, 5  # training identities 0..23, images 0..4 of each in the pack
 KNOWN = 8  # identities 0..7 go into the facebank (5 images each, not in the pack)
 BANK_IMAGES = range(PER_ID, PER_ID + 5)
 QUERY_IMAGES = range(PER_ID + 5, PER_ID + 9)  # 4 held-out images per known person: 32 queries
@@ -56,11 +55,9 @@ def run_quiet(main, argv):
 
 
 @pytest.fixture(scope="module")
-def identified(tmp_path_factory):
+def identified(tmp_path_factory, quick_trained):
     root = str(tmp_path_factory.mktemp("facebank_trained"))
-    pack, run = os.path.join(root, "pack"), os.path.join(root, "run")
-    info = generate_dataset(pack, identities=TRAIN_IDS, images_per_id=PER_ID, pairs=0.005, seed=SEED,
-                            difficulty=DIFFICULTY, progress=False)
+    pack, run, info = quick_trained["pack"], quick_trained["run"], quick_trained["info"]
     held_out = {g for s in info["sets"].values() for g in s["identities"]}
     first_unseen = max(held_out) + 1
     unseen = range(first_unseen, first_unseen + UNSEEN)
@@ -68,14 +65,6 @@ def identified(tmp_path_factory):
     assert not held_out & set(range(TRAIN_IDS)) and not held_out & set(unseen)
     assert min(unseen) >= TRAIN_IDS
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train.main(["--data", pack, "--output", run, "--backbone", "mobilefacenet", "--embedding-size", "64",
-                           "--batch-size", "16", "--epochs", "8", "--lr", "0.1", "--num-workers", "0",
-                           "--no-progress", "--eval-every", "-1", "--log-every", "100"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     assert run_quiet(evaluate.main, [run, "--data", pack, "--targets", TARGETS, "--no-progress"])[0] == 0
     model = os.path.join(run, "backbone.pt")
     assert os.path.isfile(os.path.join(run, "eval.json"))

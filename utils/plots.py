@@ -86,3 +86,34 @@ def plot_roc(curves: Dict[str, Dict[str, Any]], path: str, title: str = "ROC") -
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def plot_far_roc(curves: Dict[str, Dict[str, Any]], path: str, title: str = "ROC", far_min: float = 1e-6,
+                 marks: tuple = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)) -> None:
+    """TAR against FAR on a fixed log axis from ``far_min`` (IJB's reporting range), one curve per set.
+
+    `curves` maps a name -> {"fpr": [...], "tpr": [...]} and optionally "label" (legend text).
+    Unlike plot_roc the axes do not zoom: IJB curves are read at FARs fixed by the protocol, so
+    every figure shows the same range and two models' figures can be compared side by side.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    for name, c in curves.items():
+        fpr, tpr = np.asarray(c["fpr"], dtype=float), np.asarray(c["tpr"], dtype=float)
+        if fpr.size:
+            ax.plot(np.maximum(fpr, far_min / 10), tpr, label=c.get("label", name), drawstyle="steps-post",
+                    linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(far_min, 1.0)
+    ax.set_ylim(0.0, 1.002)
+    for far in marks:
+        ax.axvline(far, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xticks(list(marks) + [1.0])
+    ax.set_xlabel("false accept rate (FAR, log scale)")
+    ax.set_ylabel("true accept rate (TAR)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
