@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -99,6 +100,10 @@ class _Batches(Dataset):
         return start, images, ok
 
 
+def _start_method() -> str | None:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None
+
+
 def _init_worker(_: int) -> None:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -111,13 +116,19 @@ def _collate(item: tuple[int, np.ndarray, np.ndarray]) -> tuple[int, np.ndarray,
 def iter_aligned(faces: IJBFaces, image_dir: str, batch_size: int = 256, workers: int | None = None,
                  progress: bool = False, timeout_s: float = LOADER_TIMEOUT_S) -> Iterator[AlignedBatch]:
     """Aligned crops of every face, in 5pts order, in contiguous batches (decoded by `workers` processes;
-    0 decodes in this process; default min(8, cpu count))."""
+    0 decodes in this process; default min(8, cpu count)).
+
+    Workers start from a forkserver, not a fork: a fork copies OpenCV's and OpenMP's thread pools
+    in whatever state they are, and a worker touching one can hang (seen here after a first
+    in-process alignment). `timeout_s` bounds the wait for any one batch all the same.
+    """
     workers = default_workers() if workers is None else int(workers)
     batch_size = max(1, int(batch_size))
     ds = _Batches(np.asarray(faces.names), np.asarray(faces.landmarks, np.float32), image_dir, batch_size)
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_collate,
                         worker_init_fn=_init_worker if workers else None, timeout=timeout_s if workers else 0,
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
+                        prefetch_factor=2 if workers else None, persistent_workers=False,
+                        multiprocessing_context=_start_method() if workers else None)
     report = _Progress(len(faces.names), progress)
     for start, images, ok in loader:
         report(start + len(ok))
