@@ -151,7 +151,7 @@ def plot_rocs(report_dir: str, row: Dict[str, Any], curves: Mapping[str, Dict[st
     for target, c in curves.items():
         v = row["ijb"][target]["verification"]
         tar = v["tar_at_far"].get("0.0001")
-        labelled[target] = {"fpr": c["fpr"], "tpr": c["tpr"],
+        labelled[target] = {"fpr": c["fpr"], "tpr": c["tpr"], "min_far": 1.0 / max(1, v["impostor"]),
                             "label": f"{target} (TAR@FAR=1e-4 {_pct(tar)}%)"}
     path = os.path.join(report_dir, f"roc_ijb_{name}.png")
     plot_far_roc(labelled, path, title=f"IJB 1:1 ROC: {row['label']}")

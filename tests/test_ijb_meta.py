@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from data.ijb import IJBFormatError, TARGETS, check_known, find_ijb, read_faces, read_pairs, read_template_subjects
+from data.ijb import TARGETS, IJBFormatError, check_known, find_ijb, read_faces, read_pairs, read_template_subjects
 
 PTS = ("1.jpg 10 20 30 20.5 20 30 12 40 28 40.25 0.9\n"
        "2.jpg 11 21 31 21 21 31 13 41 29 41 0.75\n"

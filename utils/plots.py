@@ -92,12 +92,17 @@ def plot_far_roc(curves: Dict[str, Dict[str, Any]], path: str, title: str = "ROC
                  marks: tuple = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)) -> None:
     """TAR against FAR on a fixed log axis from ``far_min`` (IJB's reporting range), one curve per set.
 
-    `curves` maps a name -> {"fpr": [...], "tpr": [...]} and optionally "label" (legend text).
+    `curves` maps a name -> {"fpr": [...], "tpr": [...]} and optionally "label" (legend text) and
+    "min_far" (1 / impostor pairs: FARs below it are shaded, the set cannot resolve them).
     Unlike plot_roc the axes do not zoom: IJB curves are read at FARs fixed by the protocol, so
     every figure shows the same range and two models' figures can be compared side by side.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
+    unresolved = max((float(c.get("min_far", 0.0)) for c in curves.values()), default=0.0)
+    if unresolved > far_min:
+        ax.axvspan(far_min, unresolved, color="grey", alpha=0.15, linewidth=0,
+                   label="FAR below 1 / impostor pairs: not resolved")
     for name, c in curves.items():
         fpr, tpr = np.asarray(c["fpr"], dtype=float), np.asarray(c["tpr"], dtype=float)
         if fpr.size:
