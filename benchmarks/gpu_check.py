@@ -44,13 +44,13 @@ from utils.atomic import write_json, write_text  # noqa: E402
 SCHEMA = "facetrain-gpu-check/1"
 # (id, name, what, GPU budget s, dry-run budget s, function); GPU budgets sum to at most 480 s
 CHECKS: List[tuple] = [
-    (1, "bench_train", "training-step modes vs the plain loop (bench_train.py)", 150, 150, gc.bench_train),
-    (2, "loader", "decode on device vs CPU workers, GPU utilisation (train.py)", 90, 150, gc.loader),
+    (1, "bench_train", "training-step modes vs the plain loop (bench_train.py)", 180, 150, gc.bench_train),
+    (2, "loader", "decode on device vs CPU workers, GPU utilisation (train.py)", 80, 150, gc.loader),
     (3, "partial_fc_1m", "torchrun nproc 1, Partial FC 1M classes R=0.1: step time, peak memory", 60, 120,
      gc.partial_fc),
-    (4, "fp16_scaler", "fp16 + GradScaler: no skipped step, the scale (train.py)", 60, 120, gc.fp16),
+    (4, "fp16_scaler", "fp16 + GradScaler: no skipped step, the scale (train.py)", 50, 120, gc.fp16),
     (5, "eval_amp", "evaluate.py --amp on the device vs fp32 on the CPU, within one pair", 45, 150, gc.eval_amp),
-    (6, "sigterm_resume", "SIGTERM mid-run writes a checkpoint; --resume finishes (train.py)", 60, 150, gc.sigterm),
+    (6, "sigterm_resume", "SIGTERM mid-run writes a checkpoint; --resume finishes (train.py)", 50, 150, gc.sigterm),
 ]
 GPU_BUDGET_S = 480
 
@@ -68,7 +68,8 @@ def markdown(report: Dict[str, Any]) -> str:
     """The table: one row per check, its headline numbers and verdict; then the commands run."""
     head = (f"# GPU check{' (dry run: toy sizes on the CPU)' if report['dry_run'] else ''}\n\n"
             f"{report['device']} · torch {report['torch']} · CUDA {report['cuda']} · cuDNN {report['cudnn']} · "
-            f"{report['cpus']} CPUs · {report['date']} · {report['total_s']:.0f} s of {report['budget_s']} s planned\n\n"
+            f"{report['cpus']} CPUs · {report['date']} · {report['total_s']:.0f} s of {report['budget_s']} s planned"
+            f"{'' if report['finished'] else ' · NOT FINISHED (checks still pending were not run)'}\n\n"
             "| # | check | result | status | s (budget) |\n|---|---|---|---|---|\n")
     rows, details = [], []
     for c in report["checks"]:
@@ -78,7 +79,7 @@ def markdown(report: Dict[str, Any]) -> str:
                     f"| {c['id']} | {c['name']} | {c['what']} | {c['status']} | - ({c['budget_s']}) |")
         if c.get("ran") or c.get("stderr_tail"):
             details.append(f"\n**{c['id']}. {c['what']}**\n\n" + "".join(f"    {r}\n" for r in c.get("ran", []))
-                           + (f"\n    stderr (last lines):\n" + "".join(f"    {line}\n" for line in
+                           + ("\n    stderr (last lines):\n" + "".join(f"    {line}\n" for line in
                                                                        c["stderr_tail"].splitlines())
                               if c.get("stderr_tail") else ""))
     return head + "\n".join(rows) + "\n\n## Commands\n" + "".join(details)
@@ -100,6 +101,8 @@ def run_check(fn: Callable, run: gc.Run, budget: float) -> Dict[str, Any]:
     except Exception as exc:  # a bug or an unexpected file: recorded, the next check still runs
         res = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                "stderr_tail": gc.tail(traceback.format_exc())}
+    res["ran"] = [r.replace(run.work, "$WORK") for r in run.made + res.get("ran", [])]
+    run.made.clear()
     res["seconds"] = time.monotonic() - t0
     return res
 
@@ -123,10 +126,12 @@ def main(argv: List[str] | None = None) -> int:
     for cid, name, what, gpu_s, dry_s, _ in CHECKS:
         report["checks"].append({"id": cid, "name": name, "what": what, "budget_s": dry_s if args.dry_run else gpu_s,
                                  "status": "pending" if cid in only else "skipped", "seconds": None})
-    print(f"gpu_check on {report['device']}: plan ({report['budget_s']} s in all"
-          f"{'' if args.dry_run else f', at most {GPU_BUDGET_S} s'}); results -> {os.path.join(args.out, stem)}.json/.md")
+    limit = "" if args.dry_run else f", at most {GPU_BUDGET_S} s"
+    print(f"gpu_check on {report['device']}: plan ({report['budget_s']} s in all{limit}); "
+          f"results -> {os.path.join(args.out, stem)}.json/.md")
     for c in report["checks"]:
-        print(f"  {c['id']}. {c['name']:<15} {c['budget_s']:>4} s  {c['what']}{'' if c['id'] in only else ' (skipped)'}")
+        skipped = "" if c["id"] in only else " (skipped)"
+        print(f"  {c['id']}. {c['name']:<15} {c['budget_s']:>4} s  {c['what']}{skipped}")
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gpu_check_")
     run = gc.Run(sizes=sizes, work=work)

@@ -37,7 +37,7 @@ class Sizes:
     bench_batch: int = 256
     bench_steps: int = 10
     bench_warmup: int = 3
-    pack: Dict[str, Any] = field(default_factory=lambda: dict(identities=300, images_per_id=12, pairs=0.05,
+    pack: Dict[str, Any] = field(default_factory=lambda: dict(identities=300, images_per_id=12, pairs=0.02,
                                                               workers=8))
     backbone: str = "mobilefacenet"
     loader_batch: int = 256
@@ -80,6 +80,7 @@ class Run:
     work: str
     pack: str = ""
     env: Dict[str, str] = field(default_factory=dict)
+    made: List[str] = field(default_factory=list)  # shared set-up commands run during the current check
 
     def __post_init__(self) -> None:
         self.env = dict(os.environ, **self.sizes.child_env, PYTHONUNBUFFERED="1")
@@ -126,9 +127,11 @@ def make_pack(run: Run, check: Check) -> str:
         return run.pack
     out = os.path.join(run.work, "pack")
     p = run.sizes.pack
-    run_cmd([PY, os.path.join(ROOT, "prepare_data.py"), "synth", "--out", out, "--identities", str(p["identities"]),
-             "--images-per-id", str(p["images_per_id"]), "--pairs", str(p["pairs"]), "--difficulty", "0.3",
-             "--workers", str(p["workers"]), "--no-progress"], check, run)
+    cmd = [PY, os.path.join(ROOT, "prepare_data.py"), "synth", "--out", out, "--identities", str(p["identities"]),
+           "--images-per-id", str(p["images_per_id"]), "--pairs", str(p["pairs"]), "--difficulty", "0.3",
+           "--workers", str(p["workers"]), "--no-progress"]
+    run.made.append(shown(cmd))
+    run_cmd(cmd, check, run)
     run.pack = out
     return out
 
@@ -177,7 +180,7 @@ class UtilSampler:
             except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                 pass
 
-    def __enter__(self) -> "UtilSampler":
+    def __enter__(self) -> UtilSampler:
         if self.tool:
             self._thread.start()
         return self
@@ -216,22 +219,31 @@ def watch_train(cmd: List[str], run_dir: str, check: Check, run: Run,
 
 # ------------------------------------------------------------------ 1. training-step modes
 def bench_train(run: Run, check: Check) -> Dict[str, Any]:
+    """One bench_train.py per backbone, so a slow compile of the second keeps the first's numbers."""
     s = run.sizes
-    cmd = [PY, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--backbones", s.bench_backbones, "--batch-size",
-           str(s.bench_batch), "--steps", str(s.bench_steps), "--warmup", str(s.bench_warmup), "--modes",
-           s.bench_modes, "--device", s.device]
-    result = json.loads(run_cmd(cmd, check, run).stdout.strip().splitlines()[-1])
-    numbers: Dict[str, Any] = {"bf16_matmul_peak_tflops": result.get("bf16_matmul_peak_tflops")}
-    cells = []
-    for name, row in result["backbones"].items():
-        numbers[name] = {"plain_img_per_s": row["plain"]["img_per_s"]}
+    numbers: Dict[str, Any] = {}
+    cells, ran, errors = [], [], []
+    for name in s.bench_backbones.split(","):
+        cmd = [PY, os.path.join(ROOT, "benchmarks", "bench_train.py"), "--backbones", name, "--batch-size",
+               str(s.bench_batch), "--steps", str(s.bench_steps), "--warmup", str(s.bench_warmup), "--modes",
+               s.bench_modes, "--device", s.device]
+        ran.append(shown(cmd))
+        try:
+            result = json.loads(run_cmd(cmd, check, run).stdout.strip().splitlines()[-1])
+        except CheckFailed as exc:
+            numbers[name] = {"error": str(exc), "stderr_tail": exc.tail}
+            errors.append(f"{name}: {exc}")
+            continue
+        numbers["bf16_matmul_peak_tflops"] = result.get("bf16_matmul_peak_tflops")
+        row = result["backbones"][name]
+        numbers[name] = {"gmacs": row["gmacs"], "plain_img_per_s": row["plain"]["img_per_s"]}
         for mode in s.bench_modes.split(","):
             numbers[name][mode] = {k: row[mode].get(k) for k in ("img_per_s", "vs_plain", "share_of_peak")}
         best = max(s.bench_modes.split(","), key=lambda m: row[m]["img_per_s"])
         share = row[best].get("share_of_peak")
         cells.append(f"{name} best {best} {row[best]['img_per_s']:.0f} img/s ({row[best]['vs_plain']:.2f}x plain"
                      + (f", {100 * share:.0f}% of bf16 peak)" if share else ")"))
-    return {"ran": [shown(cmd)], "numbers": numbers, "ok": True, "verdict": "; ".join(cells)}
+    return {"ran": ran, "numbers": numbers, "ok": not errors, "verdict": "; ".join(cells + errors)}
 
 
 # ------------------------------------------------------------------ 2. loader: decode on device vs CPU workers
@@ -303,17 +315,32 @@ def fp16(run: Run, check: Check) -> Dict[str, Any]:
     finite = all(v == v and abs(v) != float("inf") for v in losses)
     numbers = {"steps": hist["step"][-1] if hist["step"] else 0, "bad_steps": len(hist["bad_steps"]),
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "final_scale": scaler.get("scale"), "scale_in_history": "scale" in hist}
-    want_scale = s.device == "cuda"
+               "final_scale": scaler.get("scale"), "scaler_skips": scaler_skips(scaler, s.fp16_steps),
+               "scale_in_history": "scale" in hist}
+    scaled = s.device == "cuda"  # fp16 + GradScaler; the dry run's bf16 on the CPU has no scaler
+    skips = numbers["scaler_skips"]
     ok = (finite and not hist["bad_steps"] and numbers["steps"] == s.fp16_steps
-          and (numbers["final_scale"] is not None or not want_scale))
-    verdict = (f"{numbers['steps']} steps, {numbers['bad_steps']} skipped, loss {numbers['first_loss']:.3f} -> "
-               f"{numbers['last_loss']:.3f}, final scale {numbers['final_scale']} (from checkpoint.pt; the per-window "
-               f"scale is not logged by train.py)")
+          and (not scaled or (numbers["final_scale"] is not None and numbers["final_scale"] >= 1
+                              and skips is not None and skips <= s.fp16_steps // 10)))
+    verdict = (f"{numbers['steps']} steps, {numbers['bad_steps']} non-finite, loss {numbers['first_loss']:.3f} -> "
+               f"{numbers['last_loss']:.3f}, final scale {numbers['final_scale']} ({skips} overflow steps skipped "
+               f"by the scaler); scale read from checkpoint.pt: train.py does not log it")
     return {"ran": [shown(cmd)], "numbers": numbers, "ok": ok, "verdict": verdict}
 
 
-# ------------------------------------------------------------------ 5. evaluate.py --amp on the device vs fp32 on the CPU
+def scaler_skips(state: Dict[str, Any], steps: int) -> int | None:
+    """Steps GradScaler skipped for an overflow, from its final state: before ``growth_interval``
+    good steps in a row the scale only falls (x backoff per overflow), so skips = log(init/scale) /
+    log(1/backoff) with torch's initial 2**16. None when that does not hold or there is no scaler."""
+    import math
+
+    scale, backoff = state.get("scale"), state.get("backoff_factor", 0.5)
+    if not scale or steps >= state.get("growth_interval", 2000) or not 0 < backoff < 1:
+        return None
+    return round(math.log(2.0 ** 16 / scale) / math.log(1 / backoff))
+
+
+# ------------------------------------------------------------------ 5. evaluate.py --amp (device) vs fp32 (CPU)
 def eval_amp(run: Run, check: Check) -> Dict[str, Any]:
     s = run.sizes
     make_pack(run, check)
