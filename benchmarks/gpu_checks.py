@@ -322,9 +322,10 @@ def fp16(run: Run, check: Check) -> Dict[str, Any]:
     ok = (finite and not hist["bad_steps"] and numbers["steps"] == s.fp16_steps
           and (not scaled or (numbers["final_scale"] is not None and numbers["final_scale"] >= 1
                               and skips is not None and skips <= s.fp16_steps // 10)))
+    scale = (f"final scale {numbers['final_scale']:g} ({skips} overflow steps skipped by the scaler; read from "
+             f"checkpoint.pt: train.py does not log it)" if numbers["final_scale"] else "no GradScaler (not fp16)")
     verdict = (f"{numbers['steps']} steps, {numbers['bad_steps']} non-finite, loss {numbers['first_loss']:.3f} -> "
-               f"{numbers['last_loss']:.3f}, final scale {numbers['final_scale']} ({skips} overflow steps skipped "
-               f"by the scaler); scale read from checkpoint.pt: train.py does not log it")
+               f"{numbers['last_loss']:.3f}, {scale}")
     return {"ran": [shown(cmd)], "numbers": numbers, "ok": ok, "verdict": verdict}
 
 
