@@ -97,6 +97,8 @@ class WeightedBatchSampler(Sampler[List[int]]):
         self.sizes = np.asarray(list(sizes), dtype=np.int64)
         if self.sizes.size == 0 or np.any(self.sizes <= 0):
             raise ValueError(f"source sizes {list(self.sizes)}: every source needs at least one image")
+        if self.sizes.size > 32767:  # the stream's per-position source numbers are int16
+            raise ValueError(f"{self.sizes.size} sources: at most 32767 can be mixed")
         self.weights = normalise(weights, self.sizes.size)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n = int(self.starts[-1])
@@ -118,8 +120,8 @@ class WeightedBatchSampler(Sampler[List[int]]):
     def stream(self, epoch: int) -> torch.Tensor:
         """The global dataset indices of epoch ``epoch`` in order (all ranks' images, n of them)."""
         g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        slots = torch.repeat_interleave(torch.arange(self.sizes.size), torch.from_numpy(self.quota))
-        which = slots[torch.randperm(self.n, generator=g)]
+        slots = torch.repeat_interleave(torch.arange(self.sizes.size, dtype=torch.int16), torch.from_numpy(self.quota))
+        which = slots[torch.randperm(self.n, generator=g)]  # source of each position (int16: n x 2 bytes)
         out = torch.empty(self.n, dtype=torch.int64)
         for k, (size, q) in enumerate(zip(self.sizes.tolist(), self.quota.tolist())):
             out[which == k] = walk(size, self.seed, k, epoch * q, q) + int(self.starts[k])

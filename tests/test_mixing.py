@@ -7,11 +7,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
+import heads
+import losses
 import train
-from data.dataset import FaceDataset, ResumableBatchSampler
+from config import build_config
+from data.dataset import FaceDataset, ResumableBatchSampler, build_dataset
 from data.mixing import WeightedBatchSampler, build_sampler, normalise, quotas
+from engine.checkpoint import load_training_checkpoint
+from engine.objective import DenseLoss
+from engine.trainer import Trainer
 from tests.cli_helpers import script_error
+from tests.small_nets import SmallNet
 
 
 def flat(sampler, epoch, start=0):
@@ -151,3 +159,27 @@ def test_train_mixes_two_packs(tiny_pack, second_pack, tmp_path):
     # 36 + 12 = 48 images per epoch, half from each pack: the second one's 12 images twice over
     assert "source 0: weight 0.5, 24 of its 36 images" in log and "source 1: weight 0.5, 24 of its 12" in log
     assert json.load(open(os.path.join(out, "config.json")))["data_weights"] == [1.0, 1.0]
+    assert train.main(["--resume", out, "--max-steps", "3"]) == 0  # the weights come back from the checkpoint
+    assert open(os.path.join(out, "train.log")).read().count("source 1: weight 0.5, 24 of its 12") == 2
+
+
+def test_trainer_resume_with_weights_is_exact(tiny_pack, second_pack, tmp_path):
+    def trainer(out):
+        out.mkdir(exist_ok=True)
+        cfg = build_config(overrides=dict(batch_size=8, lr=0.1, epochs=2, num_workers=0, progress=False, seed=4,
+                                          data_weights=(0.3, 0.7), output=str(out)))
+        torch.manual_seed(0)
+        ds = build_dataset(f"{tiny_pack},{second_pack}")
+        head = heads.build("cosface", 32, ds.num_classes, s=16.0, m=0.2)
+        return Trainer(cfg, SmallNet(32), DenseLoss(head, losses.build("cross_entropy")), ds, torch.device("cpu"))
+
+    a = trainer(tmp_path / "a")
+    a.fit()
+    b = trainer(tmp_path / "b")
+    b.fit(stop_at=5)  # 48 images / 8 = 6 steps per epoch: stopped inside the first epoch
+    c = trainer(tmp_path / "b")
+    c.load_state_dict(load_training_checkpoint(str(tmp_path / "b")))
+    c.fit()
+    assert c.step == a.step == 12
+    for (k, va), vc in zip(a.model.state_dict().items(), c.model.state_dict().values()):
+        assert torch.equal(va, vc), k
