@@ -132,10 +132,12 @@ class WeightedBatchSampler(Sampler[List[int]]):
         for b in range(self.start, self.batches_per_epoch()):
             yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
-    def describe(self) -> str:
-        """One line for the run log: each source's weight, images per epoch and passes over it per epoch."""
-        parts = [f"source {k}: weight {w:.3g}, {q} of its {s} images per epoch ({q / s:.3g} passes)"
-                 for k, (w, q, s) in enumerate(zip(self.weights, self.quota.tolist(), self.sizes.tolist()))]
+    def describe(self, names: Sequence[str] = ()) -> str:
+        """One line for the run log: each source's weight, images per epoch and passes over it per epoch;
+        sources are called by ``names`` (their paths) where given, else by number."""
+        names = list(names) or [f"source {k}" for k in range(self.sizes.size)]
+        parts = [f"{name}: weight {w:.3g}, {q} of its {s} images per epoch ({q / s:.3g} passes)"
+                 for name, w, q, s in zip(names, self.weights, self.quota.tolist(), self.sizes.tolist())]
         return "data mix: " + "; ".join(parts)
 
 

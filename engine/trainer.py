@@ -83,7 +83,7 @@ class Trainer:
         self.sampler = build_sampler([len(s) for s in dataset.sources], cfg.batch_size, seed=cfg.seed,
                                      rank=dist_info.rank, world_size=dist_info.world_size, weights=cfg.data_weights)
         if cfg.data_weights:
-            self.log(self.sampler.describe())
+            self.log(self.sampler.describe([s.path for s in dataset.sources]))
         self.global_batch = cfg.batch_size * dist_info.world_size * self.accum
         self.steps_per_epoch = self.sampler.batches_per_epoch() // self.accum
         if self.steps_per_epoch == 0:

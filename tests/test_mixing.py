@@ -157,10 +157,11 @@ def test_train_mixes_two_packs(tiny_pack, second_pack, tmp_path):
                        "--targets", "lfw", "--embedding-size", "32"]) == 0
     log = open(os.path.join(out, "train.log")).read()
     # 36 + 12 = 48 images per epoch, half from each pack: the second one's 12 images twice over
-    assert "source 0: weight 0.5, 24 of its 36 images" in log and "source 1: weight 0.5, 24 of its 12" in log
+    assert f"{tiny_pack}/train.rec: weight 0.5, 24 of its 36 images" in log
+    assert f"{second_pack}/train.rec: weight 0.5, 24 of its 12 images per epoch (2 passes)" in log
     assert json.load(open(os.path.join(out, "config.json")))["data_weights"] == [1.0, 1.0]
     assert train.main(["--resume", out, "--max-steps", "3"]) == 0  # the weights come back from the checkpoint
-    assert open(os.path.join(out, "train.log")).read().count("source 1: weight 0.5, 24 of its 12") == 2
+    assert open(os.path.join(out, "train.log")).read().count(f"{second_pack}/train.rec: weight 0.5") == 2
 
 
 def test_trainer_resume_with_weights_is_exact(tiny_pack, second_pack, tmp_path):
