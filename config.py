@@ -68,6 +68,12 @@ class Config:
     decode_on_device: bool = field(default=False, metadata={"help": (
         "workers only read bytes; JPEGs are decoded in batches where the model runs "
         "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
+    # --- mixed data: per-source sampling weights (data/mixing.py) ---
+    data_weights: typing.Tuple[float, ...] = field(default=(), metadata={"gt": 0.0, "help": (
+        "sampling weight of each --data source, comma-separated in --data's order (normalised to sum 1): "
+        "each image comes from source k with probability w_k whatever the sizes (small sources repeat, "
+        "large ones are subsampled); an epoch stays the total size of the sources"),
+        "default_text": "none: sources in proportion to their sizes"})
 
     # --- model ------------------------------------------------------------
     backbone: str = field(default="mobilefacenet", metadata={

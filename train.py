@@ -156,6 +156,10 @@ def check_values(cfg: Config) -> None:
     SCHEDULES.get(cfg.scheduler)  # a misspelt --scheduler: did-you-mean now, not when warmup ends
     if not [p for p in cfg.data.split(",") if p.strip()]:
         raise ConfigError(f"--data {cfg.data!r} names no data (a pack folder, a .rec, or an image folder)")
+    sources = [p for p in cfg.data.split(",") if p.strip()]  # --data-weights: one per source (data/mixing.py)
+    if cfg.data_weights and len(cfg.data_weights) != len(sources):
+        raise ConfigError(f"--data-weights {','.join(f'{w:g}' for w in cfg.data_weights)}: "
+                          f"{len(cfg.data_weights)} weight(s) for {len(sources)} --data source(s); give one per source")
     if cfg.sample_rate < 1.0 and not cfg.partial_fc:
         raise ConfigError("--sample-rate below 1 samples Partial FC's classes: add --partial-fc")
     for field in ("init_backbone", "init_head"):

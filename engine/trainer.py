@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from backbones.weights import save_backbone
 from config import Config, to_dict
-from data.dataset import FaceDataset, ResumableBatchSampler
+from data.dataset import FaceDataset
+from data.mixing import build_sampler
 from data.sources import DataSourceError
 from data.transforms import apply_flips, normalize
 from engine import distributed as dist_utils
@@ -79,8 +80,10 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.log = run_log if run_log is not None else RunLog(cfg.output, dist_info.is_main, cfg.progress)
         self.accum = cfg.grad_accum
-        self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
-                                             world_size=dist_info.world_size)
+        self.sampler = build_sampler([len(s) for s in dataset.sources], cfg.batch_size, seed=cfg.seed,
+                                     rank=dist_info.rank, world_size=dist_info.world_size, weights=cfg.data_weights)
+        if cfg.data_weights:
+            self.log(self.sampler.describe([s.path for s in dataset.sources]))
         self.global_batch = cfg.batch_size * dist_info.world_size * self.accum
         self.steps_per_epoch = self.sampler.batches_per_epoch() // self.accum
         if self.steps_per_epoch == 0:
