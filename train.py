@@ -24,7 +24,7 @@ import torch.nn as nn
 import backbones
 import heads
 import losses
-from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config
+from config import Config, ConfigError, add_config_flags, apply_overrides, coerce, from_dict, parse_config, save_config
 from data.dataset import FaceDataset, build_dataset
 from engine import distributed as dist_utils
 from engine.checkpoint import load_training_checkpoint, numbered_checkpoints, resumable_checkpoint
@@ -249,12 +249,13 @@ def resumed(cfg: Config, given: Dict[str, Any], world_size: int) -> Tuple[Config
     if not source:
         return cfg, None
     state = load_training_checkpoint(source)
-    saved_mult = state.get("config", {}).get("backbone_lr_mult", 1.0)
-    if "backbone_lr_mult" in given and float(given["backbone_lr_mult"]) != saved_mult:
-        raise ConfigError(f"--backbone-lr-mult {given['backbone_lr_mult']} on resume: {source} was trained with "
-                          f"{saved_mult:g} (its lr schedule holds it); drop --backbone-lr-mult")
-    cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
-                          {**given, "resume": source})
+    saved = from_dict(state.get("config"), source=f"{source} (its saved config)")
+    for key in ("backbone_lr_mult", "head_lr_mult", "layer_decay", "optimizer"):  # the optimizer's groups (issue 16)
+        if key in given and coerce(key, given[key]) != getattr(saved, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {given[key]} on resume: {source} was trained with {getattr(saved, key)} "
+                              f"(its optimizer state holds it); drop {flag}")
+    cfg = apply_overrides(saved, {**given, "resume": source})
     if "output" not in given:
         cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
                                     else os.path.dirname(os.path.abspath(source))})

@@ -45,8 +45,10 @@ from engine import distributed as dist_utils
 from engine import step as steps
 from engine.checkpoint import rng_state, save_training_checkpoint, set_rng_state
 from engine.distributed import DistInfo
+from engine.ema import BackboneEMA, ema_summary
 from engine.feeder import BatchFeeder, MicroBatch, WaitInterrupted
 from engine.objective import Objective
+from engine.optim import base_lr, build_optimizer, per_parameter_state
 from engine.runlog import RunLog
 from engine.schedule import make_lr_lambda
 from engine.stopping import StopSignals
@@ -92,11 +94,8 @@ class Trainer:
                                   f"{self.accum})")
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-        self.optimizer = torch.optim.SGD(steps.param_groups([self.model, self.objective], cfg.weight_decay)
-                                         if cfg.backbone_lr_mult == 1 else
-                                         steps.fine_tune_groups(self.model, self.objective, cfg.weight_decay,
-                                                                cfg.lr, cfg.backbone_lr_mult),
-                                         lr=cfg.lr, momentum=cfg.momentum)
+        self.optimizer = build_optimizer(cfg, self.model, self.objective)  # engine/optim.py: --optimizer, groups
+        self.ema = BackboneEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # engine/ema.py
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_lr_lambda(
             total_steps=self.total_steps, warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
             kind=cfg.scheduler, milestones=[int(round(m * self.steps_per_epoch)) for m in cfg.milestones],
@@ -150,11 +149,12 @@ class Trainer:
         optimizer = self.optimizer.state_dict()
         sharded = {id(p) for p in self.objective.sharded_parameters()}
         for i, p in enumerate(self._optimizer_params()):
-            buf = optimizer["state"].get(i, {}).get("momentum_buffer")
-            if id(p) in sharded and buf is not None:  # a new entry: the optimizer's own state is not touched
-                optimizer["state"][i] = dict(optimizer["state"][i],
-                                             momentum_buffer=self.objective.gather_rows(buf, dst=0, group=group))
-        return {"step": self.step, "model": self.model.state_dict(), **self.objective.checkpoint_state(group),
+            entry = optimizer["state"].get(i, {})
+            if id(p) in sharded:  # a new entry: the optimizer's own state is not touched
+                optimizer["state"][i] = dict(entry, **{k: self.objective.gather_rows(entry[k], dst=0, group=group)
+                                                       for k in per_parameter_state(entry, p)})
+        ema = {} if self.ema is None else {"ema": self.ema.state_dict()}
+        return {**ema, "step": self.step, "model": self.model.state_dict(), **self.objective.checkpoint_state(group),
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps, "history": self.history,
                 "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch}
@@ -167,10 +167,15 @@ class Trainer:
         sharded = {id(p) for p in self.objective.sharded_parameters()}
         for i, p in enumerate(self._optimizer_params()):
             entry = optimizer["state"].get(i, {})
-            buf = entry.get("momentum_buffer")
-            if id(p) in sharded and buf is not None and buf.shape != p.shape:
-                optimizer["state"][i] = dict(entry, momentum_buffer=self.objective.shard_rows(buf))
+            if id(p) in sharded:  # full matrices (momentum, exp_avg, ...) back to this rank's rows
+                optimizer["state"][i] = dict(entry, **{k: self.objective.shard_rows(entry[k])
+                                                       for k in per_parameter_state(entry, p)
+                                                       if entry[k].shape != p.shape})
         self.optimizer.load_state_dict(optimizer)
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # a checkpoint without an average (EMA newly switched on): start from its weights
+            self.ema.module.load_state_dict(state["model"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] or not self.use_scaler:  # empty: saved without loss scaling (CPU, bf16): start afresh
             self.scaler.load_state_dict(state["scaler"])
@@ -193,14 +198,17 @@ class Trainer:
         if self.dist.is_main:
             save_training_checkpoint(path, keep=self.cfg.keep, config=to_dict(self.cfg), **state)
             self.save_backbone("backbone.pt")
+            if self.ema is not None:
+                self.save_backbone("backbone_ema.pt", self.ema.module)
             self.log.write_history()
         dist_utils.barrier(self.dist, self.device)
         self._saved_at = (self.step, path)
 
-    def save_backbone(self, name: str) -> None:
-        """The weights-only file evaluate.py reads (backbone.pt, best.pt, backbone_init.pt) in the run directory."""
-        cfg = self.cfg
-        save_backbone(os.path.join(self.output_dir, name), self.model.state_dict(), cfg.backbone,
+    def save_backbone(self, name: str, model: nn.Module | None = None) -> None:
+        """The weights-only file evaluate.py reads (backbone.pt, best.pt, backbone_init.pt, backbone_ema.pt:
+        ``model``, default the live backbone) in the run directory."""
+        cfg, model = self.cfg, self.model if model is None else model
+        save_backbone(os.path.join(self.output_dir, name), model.state_dict(), cfg.backbone,
                       cfg.embedding_size, cfg.input_order, to_dict(cfg))
 
     # ------------------------------------------------------------------ one step
@@ -240,13 +248,16 @@ class Trainer:
             steps.agree_on_overflow(sharded, self.dist, self.device)
         self.scaler.unscale_(self.optimizer)  # (a no-op without loss scaling) the norm in true units
         norm = steps.clip_gradients(self._optimizer_params(), sharded, self.cfg.grad_clip, self.device)
-        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        self.step_lr = base_lr(self.optimizer)
         self.last_bad = steps.non_finite(total, norm, self.step_lr, self.use_scaler, self.dist, self.device)
         if self.last_bad is None:
             self.scaler.step(self.optimizer)
         elif self._buffers:
             steps.copy_all(self._buffers, self._buffer_copy)
+        scale = self.scaler.get_scale() if self.ema is not None and self.use_scaler else 0.0
         self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
+        if self.ema is not None and self.last_bad is None and self.scaler.get_scale() >= scale:
+            self.ema.update(self.model)  # (a lower loss scale: GradScaler skipped the step on an overflow)
         with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -359,7 +370,7 @@ class Trainer:
         mean_loss = dist_utils.mean_over_ranks(float(torch.stack(losses).mean()), self.dist, self.device)
         if self.dist.is_main:
             ips = len(losses) * self.global_batch / max(seconds, 1e-9)
-            self.log.window(self.step, self.total_steps, epoch, mean_loss, self.optimizer.param_groups[0]["lr"], ips)
+            self.log.window(self.step, self.total_steps, epoch, mean_loss, base_lr(self.optimizer), ips)
 
     def _count_bad_step(self) -> None:
         """Count a skipped step (log, history); stop after ``max_bad_steps`` in a row."""
@@ -391,9 +402,18 @@ class Trainer:
             if acc == acc and acc > self.best:  # not NaN, improved
                 self.best = acc
                 self.save_backbone("best.pt")
+            if self.ema is not None:
+                self._evaluate_ema()
             self.log.write_history()
         dist_utils.barrier(self.dist, self.device)
         return report
+
+    def _evaluate_ema(self) -> None:
+        """The EMA weights through the same evaluator: one line and history["eval_ema"] (best.pt and
+        verification.json stay the live weights')."""
+        summary, line = ema_summary(self.evaluator(self.ema.module), self.step, self.ema.decay)
+        self.history.setdefault("eval_ema", []).append(summary)
+        self.log(line)
 
     def _ensure_finite(self, what: str) -> None:
         """Refuse, on every rank at once, to write or evaluate weights holding NaN/inf."""
