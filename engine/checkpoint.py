@@ -155,6 +155,12 @@ def validate_training_checkpoint(data: Any, path: str) -> Dict[str, Any]:
             raise CheckpointError(f"{path}: field {key!r} is {short_repr(data[key])}, not an integer in range")
     if "rng" in data:
         check_rng_state(data["rng"], path)
+    if "teacher" in data:  # a distilled run: the teacher's identity (engine/teacher.py)
+        teacher = data["teacher"]
+        if not (isinstance(teacher, Mapping) and isinstance(teacher.get("path"), str)
+                and isinstance(teacher.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", teacher["sha256"])):
+            raise CheckpointError(f"{path}: field 'teacher' is {short_repr(teacher)}, not {{'path': str, "
+                                  f"'sha256': 64 hex digits}}")
     return data
 
 
