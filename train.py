@@ -159,9 +159,6 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(f"--data {cfg.data!r} names no data (a pack folder, a .rec, or an image folder)")
     if cfg.sample_rate < 1.0 and not cfg.partial_fc:
         raise ConfigError("--sample-rate below 1 samples Partial FC's classes: add --partial-fc")
-    if cfg.margin_loss_weight == 0 and (not cfg.teacher or cfg.distill_weight == 0):
-        raise ConfigError("--margin-loss-weight 0 leaves nothing to learn without --teacher and a --distill-weight "
-                          "above 0")
     for field in ("init_backbone", "init_head"):
         if getattr(cfg, field) and cfg.resume and cfg.resume != "auto":
             raise ConfigError(f"--{field.replace('_', '-')} with --resume {cfg.resume}: resuming restores the "

@@ -86,8 +86,12 @@ def load_teacher(cfg: Config) -> Teacher | None:
     """The --teacher of ``cfg``, loaded, checked and frozen (on the CPU); None without --teacher.
 
     Every problem is one line naming the flag: a file that does not load or fit its architecture,
-    foreign weights without --teacher-backbone, a width other than --embedding-size.
+    foreign weights without --teacher-backbone, a width other than --embedding-size; also loss weights
+    that leave nothing to learn (--margin-loss-weight 0 without a teacher and a --distill-weight > 0).
     """
+    if cfg.margin_loss_weight == 0 and (not cfg.teacher or cfg.distill_weight == 0):
+        raise ConfigError("--margin-loss-weight 0 leaves nothing to learn without --teacher and a --distill-weight "
+                          "above 0")
     if not cfg.teacher:
         return None
     order = cfg.teacher_input_order.lower()

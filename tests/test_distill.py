@@ -139,6 +139,14 @@ def test_teacher_embeds_under_the_students_autocast_in_float32():
     assert not torch.equal(emb, t.embed(x))  # without autocast: full float32, a different result
 
 
+def test_with_amp_the_trainer_runs_the_teacher_under_the_students_autocast(tiny_pack, tmp_path):
+    tr = _trainer(tiny_pack, tmp_path, _fixed_teacher(), amp=True, max_steps=1)
+    assert tr.amp_dtype == torch.bfloat16 and tr.distill.amp_dtype is tr.amp_dtype  # CPU: bf16
+    tr.train_step(next(iter(tr.feeder.steps())))
+    assert tr.last_bad is None and tr.distill_term.dtype == torch.float32 and 0 < float(tr.distill_term) < 2
+    tr.feeder.close()
+
+
 def test_resume_refuses_another_teacher_in_one_line(tiny_pack, tmp_path):
     teacher = _fixed_teacher()
     a = _trainer(tiny_pack, tmp_path, teacher, max_steps=4)
