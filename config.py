@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Sequence
 import backbones
 import heads
 import losses
+from losses import distill as distill_losses
 from utils.atomic import write_text
 from utils.errors import UserError
 from utils.files import UnreadableFileError, check_regular, read_regular
@@ -109,6 +110,27 @@ class Config:
         "statistics and dropout in eval mode; only the head trains")})
     backbone_lr_mult: float = field(default=1.0, metadata={"min": 0.0, "max": 100.0, "help": (
         "the backbone's learning rate is lr x this (the head keeps lr); same schedule and weight decay rules")})
+
+    # --- knowledge distillation (engine/teacher.py, losses/distill.py) ----
+    teacher: str = field(default="", metadata={"help": (
+        "distil from this frozen teacher: any weights evaluate.py loads (our backbone.pt / checkpoint.pt, or a "
+        "foreign state_dict with --teacher-backbone); its embeddings must be --embedding-size wide"),
+        "default_text": "no teacher"})
+    teacher_backbone: str = field(default="", metadata={"help": (
+        "the teacher's architecture (needed for foreign weights; overrides what our files say)"),
+        "default_text": "what the --teacher file says"})
+    teacher_embedding_size: int = field(default=512, metadata={"min": 1, "max": MAX_EMBEDDING_SIZE, "help": (
+        "the teacher's embedding width when its file is foreign weights (our files say it)")})
+    teacher_input_order: str = field(default="", metadata={"help": (
+        "channel order the teacher's weights expect: rgb or bgr (it is fed the student's batch and flips it "
+        "itself)"), "default_text": "what the --teacher file says (rgb for foreign weights)"})
+    distill_loss: str = field(default="cosine", metadata={"help": (
+        "feature distillation on the embeddings: cosine = mean(1 - cos(s, t)); l2 = mean ||s - t||^2 on the raw "
+        "embeddings (scale follows the teacher's norms)"), "choices": distill_losses.names})
+    distill_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1e4, "help": (
+        "with --teacher: loss = margin_loss_weight x margin loss + distill_weight x distillation loss")})
+    margin_loss_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1e4, "help": (
+        "weight of the margin (classification) loss; 0 with --teacher = pure feature distillation")})
 
     # --- optimisation -----------------------------------------------------
     epochs: int = field(default=20, metadata={"min": 1, "help": "training epochs"})

@@ -33,6 +33,7 @@ from engine.finetune import BackboneInit, adopt_fields, load_backbone_init, load
 from engine.objective import DenseLoss, Objective
 from engine.runlog import RunLog
 from engine.schedule import SCHEDULES
+from engine.teacher import check_same_teacher, load_teacher
 from engine.trainer import Trainer
 from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from heads.base import deferred_centres
@@ -339,6 +340,9 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if info.is_main:
         claim_output(cfg, resuming=state is not None)
     cfg, init, notes = fine_tune_start(cfg, given, state is not None)
+    teacher = load_teacher(cfg)  # a bad --teacher: one line, before the run folder is written
+    if state is not None:  # (the trainer checks again) before config.json is rewritten
+        check_same_teacher(state.get("teacher"), teacher, cfg.resume)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -346,6 +350,9 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     log = open_run_log(cfg, info)
     for note in notes:
         log(note)
+    if teacher is not None:
+        log(f"teacher: {teacher.describe()}, frozen; loss = {cfg.margin_loss_weight:g} x margin loss + "
+            f"{cfg.distill_weight:g} x {cfg.distill_loss} distillation")
     dataset, model, objective = build_parts(cfg, info, log, init, cfg.init_head if state is None else "")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
@@ -354,7 +361,8 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if info.is_main:
         save_config(cfg, os.path.join(cfg.output, "config.json"))
     evaluator = make_evaluator(cfg, device, log) if info.is_main else None
-    trainer = Trainer(cfg, model, objective, dataset, device, evaluator=evaluator, run_log=log, dist_info=info)
+    trainer = Trainer(cfg, model, objective, dataset, device, evaluator=evaluator, run_log=log, dist_info=info,
+                      teacher=teacher)
     if state is not None:
         trainer.load_state_dict(state)
         log(f"resumed from {cfg.resume} at step {trainer.step} (saved by {state.get('world_size', 1)} process(es))")

@@ -52,6 +52,7 @@ from engine.optim import base_lr, build_optimizer, per_parameter_state
 from engine.runlog import RunLog
 from engine.schedule import make_lr_lambda
 from engine.stopping import StopSignals
+from engine.teacher import Distillation, Teacher, check_same_teacher
 from utils.precision import amp_dtype, needs_grad_scaler
 from utils.torchfile import CheckpointError, check_finite
 
@@ -74,7 +75,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: nn.Module, objective: Objective, dataset: FaceDataset,
                  device: torch.device, evaluator: Evaluator | None = None, run_log: RunLog | None = None,
-                 dist_info: DistInfo = DistInfo()) -> None:
+                 dist_info: DistInfo = DistInfo(), teacher: Teacher | None = None) -> None:
         self.cfg, self.device, self.dist, self.dataset, self.evaluator = cfg, device, dist_info, dataset, evaluator
         self.output_dir = cfg.output
         self.model, self.objective = model.to(device), objective.to(device)
@@ -103,6 +104,11 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.amp_dtype, device) if cfg.amp else None
         self.use_scaler = self.amp_dtype is not None and needs_grad_scaler(self.amp_dtype, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        # knowledge distillation (engine/teacher.py): a frozen teacher outside model, optimizer and checkpoint
+        self.distill = None if teacher is None else Distillation(
+            teacher.to(device, cfg.channels_last), cfg.distill_loss, cfg.distill_weight, cfg.margin_loss_weight,
+            self.amp_dtype)
+        self.distill_term = torch.zeros(())  # the latest step's distillation term (mean over its micro-batches)
         self.data_parallel = steps.wants_data_parallel(cfg.data_parallel, dist_info, device)
         self._backbone = torch.compile(self.model) if cfg.compile else self.model
         self.step_module = steps.wrap(steps.StepModule(self._backbone, objective.replica, self.amp_dtype), dist_info,
@@ -157,10 +163,13 @@ class Trainer:
         return {**ema, "step": self.step, "model": self.model.state_dict(), **self.objective.checkpoint_state(group),
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps, "history": self.history,
-                "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch}
+                "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch,
+                **({"teacher": self.distill.teacher.identity()} if self.distill is not None else {})}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a checkpoint written at any world size (full sharded matrices are re-sharded)."""
+        check_same_teacher(state.get("teacher"), self.distill.teacher if self.distill is not None else None,
+                           self.cfg.resume or "the checkpoint")
         self.model.load_state_dict(state["model"])
         self.objective.load_checkpoint_state(state)
         optimizer = dict(state["optimizer"], state=dict(state["optimizer"]["state"]))
@@ -231,6 +240,7 @@ class Trainer:
         if self._buffers:
             steps.copy_all(self._buffer_copy, self._buffers)
         total = torch.zeros((), device=self.device)
+        distill_total = torch.zeros((), device=self.device)
         for m, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -241,8 +251,12 @@ class Trainer:
             with sync:
                 emb, out = self.step_module(x, labels)
                 loss = self.objective.loss(emb, out, labels)
+                if self.distill is not None:
+                    loss, term = self.distill.add_term(loss, x, emb)
+                    distill_total += term / len(micro_batches)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
+        self.distill_term = distill_total
         sharded = self.objective.sharded_parameters()
         if self.use_scaler:
             steps.agree_on_overflow(sharded, self.dist, self.device)
@@ -298,6 +312,7 @@ class Trainer:
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         saved = evaluated = -1
         window: List[torch.Tensor] = []
+        distill_window: List[torch.Tensor] = []
         t0 = time.perf_counter()
         self.log.open(self.total_steps, self.step)
         try:
@@ -308,9 +323,10 @@ class Trainer:
                     self.log.stepped()
                     self._count_bad_step()
                     window += [loss] if self.last_bad is None else []
+                    distill_window += [self.distill_term] if self.last_bad is None else []
                     if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                        self._log_window(window, time.perf_counter() - t0, epoch)
-                        window, t0 = [], time.perf_counter()
+                        self._log_window(window, time.perf_counter() - t0, epoch, distill_window)
+                        window, distill_window, t0 = [], [], time.perf_counter()
                     if self.stops.agreed():
                         break
                     if self._due(self.cfg.save_every):
@@ -359,18 +375,24 @@ class Trainer:
             return self.step % every == 0
         return every == 0 and self.step % self.steps_per_epoch == 0
 
-    def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int) -> None:
+    def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int,
+                    distill: List[torch.Tensor] | None = None) -> None:
         """Record the mean loss (over good steps and ranks), lr and global throughput of the last steps.
 
         ``losses`` holds the steps that updated the weights (finite by construction; the same
-        number on every rank); none (all skipped): nothing to record.
+        number on every rank); none (all skipped): nothing to record. ``distill``: the distillation
+        terms of the same steps (with a teacher), logged apart.
         """
         if not losses:
             return
         mean_loss = dist_utils.mean_over_ranks(float(torch.stack(losses).mean()), self.dist, self.device)
+        mean_distill = None
+        if self.distill is not None and distill:
+            mean_distill = dist_utils.mean_over_ranks(float(torch.stack(distill).mean()), self.dist, self.device)
         if self.dist.is_main:
             ips = len(losses) * self.global_batch / max(seconds, 1e-9)
-            self.log.window(self.step, self.total_steps, epoch, mean_loss, base_lr(self.optimizer), ips)
+            self.log.window(self.step, self.total_steps, epoch, mean_loss, base_lr(self.optimizer), ips,
+                            distill=mean_distill)
 
     def _count_bad_step(self) -> None:
         """Count a skipped step (log, history); stop after ``max_bad_steps`` in a row."""
