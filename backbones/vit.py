@@ -21,6 +21,8 @@ get_model of insightface forks and LVFace). arcface_torch has no plain ``vit_l``
 published L recipe (``vit_l_dp005_mask_005``) under the short name. Published cost: ViT-T 1.5G,
 ViT-B 11G (multiply-accumulates, attention matmuls included).
 
+``vit_mini`` (ours, no published weights) is the vit_t recipe at CPU size: D 128, 4 blocks.
+
 Our dropout (default 0, not in arcface_torch) sits before ``feature`` and owns no state; so does the
 drop path. With ``mask_ratio == 0`` the ``mask_token`` is kept (strict loading) but frozen, since
 nothing uses it (an unused trainable parameter would stop DDP).
@@ -229,9 +231,12 @@ VARIANTS: Dict[str, Variant] = {
     "vit_l_dp005_mask_005": Variant(768, 24, 0.05, 0.05, True),
     "vit_h": Variant(1024, 48, 0.1, 0.0, True),
 }
+# Ours, no published weights: the vit_t recipe at CPU size (D 128, 4 blocks; ~0.12 GMACs, below MobileFaceNet's
+# 0.22), for recipes and tests that must train on a CPU in minutes.
+SMALL_VARIANTS: Dict[str, Variant] = {"vit_mini": Variant(128, 4, 0.1, 0.1, False)}
 
 
-def _register(name: str, variant: Variant) -> None:
+def _register(name: str, variant: Variant, published: bool = True) -> None:
     def builder(embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",
                 **overrides: Any) -> VisionTransformer:
         """``overrides``: any of embed_dim, depth, drop_path, mask_ratio, activation_checkpointing."""
@@ -242,11 +247,15 @@ def _register(name: str, variant: Variant) -> None:
         return VisionTransformer(**args, embedding_size=embedding_size, dropout=dropout, channel_order=channel_order)
 
     builder.__name__ = builder.__qualname__ = name
-    builder.__doc__ = (f"arcface_torch {name}: D={variant.embed_dim}, depth {variant.depth}, drop path "
-                       f"{variant.drop_path:g}, mask ratio {variant.mask_ratio:g} (published weights: RGB input).")
-    layout = "arcface_torch/vit_l_dp005_mask_005" if name == "vit_l" else f"arcface_torch/{name}"
+    builder.__doc__ = (f"{'arcface_torch' if published else 'CPU-sized'} {name}: D={variant.embed_dim}, depth "
+                       f"{variant.depth}, drop path {variant.drop_path:g}, mask ratio {variant.mask_ratio:g}.")
+    layout = None
+    if published:
+        layout = "arcface_torch/vit_l_dp005_mask_005" if name == "vit_l" else f"arcface_torch/{name}"
     register_backbone(name, family="vit", layout=layout, trained_channel_order="rgb")(builder)
 
 
 for _name, _variant in VARIANTS.items():
     _register(_name, _variant)
+for _name, _variant in SMALL_VARIANTS.items():
+    _register(_name, _variant, published=False)

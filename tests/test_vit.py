@@ -137,8 +137,17 @@ def test_every_variant_layout_and_settings_match_get_model(name):
     assert model.mask_token.requires_grad == (mask_ratio > 0), "an unused mask token must be frozen (DDP)"
 
 
-def test_registered_vit_names_are_exactly_the_published_ones():
-    assert sorted(n for n in backbones.names() if backbones.spec(n).family == "vit") == sorted(PUBLISHED)
+def test_registered_vit_names_are_the_published_ones_and_vit_mini():
+    assert sorted(n for n in backbones.names() if backbones.spec(n).family == "vit") == sorted([*PUBLISHED, "vit_mini"])
+    assert backbones.spec("vit_mini").layout is None and backbones.spec("vit_t").layout == "arcface_torch/vit_t"
+
+
+def test_vit_mini_is_vit_t_at_cpu_size():
+    model = on_meta("vit_mini")
+    assert shapes(model) == published_layout(128, 4)
+    assert (model.mask_ratio, model.blocks[-1].drop_path.p) == (0.1, pytest.approx(0.1))
+    want = 144 * 243 * 128 + 4 * (144 * 12 * 128 ** 2 + 2 * 144 ** 2 * 128) + 144 * 128 ** 2 + 128 * 512
+    assert round(profile(lambda: backbones.build("vit_mini")).gmacs * 1e9) == want < 0.221e9  # below MobileFaceNet
 
 
 def test_custom_embedding_size_changes_only_the_last_layers():
