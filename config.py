@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Sequence
 import backbones
 import heads
 import losses
+from losses import distill as distill_losses
 from utils.atomic import write_text
 from utils.errors import UserError
 from utils.files import UnreadableFileError, check_regular, read_regular
@@ -68,6 +69,12 @@ class Config:
     decode_on_device: bool = field(default=False, metadata={"help": (
         "workers only read bytes; JPEGs are decoded in batches where the model runs "
         "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
+    # --- mixed data: per-source sampling weights (data/mixing.py) ---
+    data_weights: typing.Tuple[float, ...] = field(default=(), metadata={"gt": 0.0, "help": (
+        "sampling weight of each --data source, comma-separated in --data's order (normalised to sum 1): "
+        "each image comes from source k with probability w_k whatever the sizes (small sources repeat, "
+        "large ones are subsampled); an epoch stays the total size of the sources"),
+        "default_text": "none: sources in proportion to their sizes"})
 
     # --- model ------------------------------------------------------------
     backbone: str = field(default="mobilefacenet", metadata={
@@ -104,6 +111,27 @@ class Config:
     backbone_lr_mult: float = field(default=1.0, metadata={"min": 0.0, "max": 100.0, "help": (
         "the backbone's learning rate is lr x this (the head keeps lr); same schedule and weight decay rules")})
 
+    # --- knowledge distillation (engine/teacher.py, losses/distill.py) ----
+    teacher: str = field(default="", metadata={"help": (
+        "distil from this frozen teacher: any weights evaluate.py loads (our backbone.pt / checkpoint.pt, or a "
+        "foreign state_dict with --teacher-backbone); its embeddings must be --embedding-size wide"),
+        "default_text": "no teacher"})
+    teacher_backbone: str = field(default="", metadata={"help": (
+        "the teacher's architecture (needed for foreign weights; overrides what our files say)"),
+        "default_text": "what the --teacher file says"})
+    teacher_embedding_size: int = field(default=512, metadata={"min": 1, "max": MAX_EMBEDDING_SIZE, "help": (
+        "the teacher's embedding width when its file is foreign weights (our files say it)")})
+    teacher_input_order: str = field(default="", metadata={"help": (
+        "channel order the teacher's weights expect: rgb or bgr (it is fed the student's batch and flips it "
+        "itself)"), "default_text": "what the --teacher file says (rgb for foreign weights)"})
+    distill_loss: str = field(default="cosine", metadata={"help": (
+        "feature distillation on the embeddings: cosine = mean(1 - cos(s, t)); l2 = mean ||s - t||^2 on the raw "
+        "embeddings (scale follows the teacher's norms)"), "choices": distill_losses.names})
+    distill_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1e4, "help": (
+        "with --teacher: loss = margin_loss_weight x margin loss + distill_weight x distillation loss")})
+    margin_loss_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1e4, "help": (
+        "weight of the margin (classification) loss; 0 with --teacher = pure feature distillation")})
+
     # --- optimisation -----------------------------------------------------
     epochs: int = field(default=20, metadata={"min": 1, "help": "training epochs"})
     max_steps: int = field(default=0, metadata={
@@ -136,6 +164,23 @@ class Config:
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1, "help": "random seed"})
     device: str = field(default="auto", metadata={"help": (
         "auto, cpu, cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK")})
+
+    # --- optimizers, lr multipliers, EMA (issue 16; engine/optim.py, engine/ema.py) ---
+    optimizer: str = field(default="sgd", metadata={"help": (
+        "sgd (momentum --momentum, L2 weight decay) or adamw (--betas, --eps, decoupled weight decay; no decay "
+        "on biases, norms, pos_embed, cls_token, mask_token): a name registered in engine/optim.py"),
+        "choices": ("sgd", "adamw")})
+    betas: typing.Tuple[float, ...] = field(default=(0.9, 0.999), metadata={"min": 0.0, "lt": 1.0,
+        "help": "AdamW beta1,beta2"})
+    eps: float = field(default=1e-8, metadata={"gt": 0.0, "max": 1.0, "help": "AdamW epsilon"})
+    head_lr_mult: float = field(default=1.0, metadata={"min": 0.0, "max": 100.0, "help": (
+        "the margin head's learning rate is lr x this; same schedule (see --backbone-lr-mult)")})
+    layer_decay: float = field(default=1.0, metadata={"gt": 0.0, "max": 1.0, "help": (
+        "ViT layer-wise lr decay d: block i of L trains at lr x d^(L-i), the patch embedding at d^(L+1), "
+        "layers after the blocks and the head at lr (1 = off; needs a backbone with blocks.<i>. parameters)")})
+    ema_decay: float = field(default=0.0, metadata={"min": 0.0, "lt": 1.0, "help": (
+        "exponential moving average of the backbone weights, updated after each optimizer step with this decay "
+        "(e.g. 0.999; 0 = off): in the checkpoint, saved as backbone_ema.pt and evaluated beside the live weights")})
 
     # --- scale ------------------------------------------------------------
     partial_fc: bool = field(default=False, metadata={"help": (
@@ -204,6 +249,27 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "arcface_torch_ms1mv3_r50": dict(backbone="iresnet50", head="arcface", scale=64.0, margin=0.5,
                                      lr=0.1, weight_decay=5e-4, batch_size=128, epochs=20,
                                      scheduler="poly", poly_power=2.0, warmup_epochs=0, amp=True),
+    # --- ViT + AdamW recipes (issue 16) ---
+    # arcface_torch configs/wf42m_pfc03_40epoch_8gpu_vit_t.py over base.py and train_v2.py: margin_list
+    # (1.0, 0.0, 0.4) = CosFace m=0.4 at their fixed s=64; network vit_t_dp005_mask0; AdamW lr 1e-3, wd 0.1
+    # (their torch defaults: betas 0.9,0.999, eps 1e-8); batch 512 per GPU (x 8 GPUs); Partial FC rate 0.3;
+    # 40 epochs, warmup num_epoch // 10 = 4 under PolyScheduler (power 2); fp16; clip norm 5; seed 2048.
+    "arcface_torch_wf42m_vit_t": dict(backbone="vit_t_dp005_mask0", head="cosface", scale=64.0, margin=0.4,
+                                      embedding_size=512, optimizer="adamw", lr=1e-3, weight_decay=0.1,
+                                      betas=(0.9, 0.999), eps=1e-8, batch_size=512, partial_fc=True,
+                                      sample_rate=0.3, epochs=40, warmup_epochs=4, scheduler="poly",
+                                      poly_power=2.0, amp=True, grad_clip=5.0, seed=2048),
+    # ..._vit_b.py: the same but network vit_b_dp005_mask_005, batch 256 per GPU with gradient_acc 12.
+    "arcface_torch_wf42m_vit_b": dict(backbone="vit_b_dp005_mask_005", head="cosface", scale=64.0, margin=0.4,
+                                      embedding_size=512, optimizer="adamw", lr=1e-3, weight_decay=0.1,
+                                      betas=(0.9, 0.999), eps=1e-8, batch_size=256, grad_accum=12,
+                                      partial_fc=True, sample_rate=0.3, epochs=40, warmup_epochs=4,
+                                      scheduler="poly", poly_power=2.0, amp=True, grad_clip=5.0, seed=2048),
+    # CPU demo on the synthetic set (`make demo` scale): the AdamW recipe on vit_mini (the vit_t recipe at
+    # 128 wide, 4 blocks) with an EMA of the weights.
+    "vit_demo": dict(backbone="vit_mini", head="cosface", scale=32.0, margin=0.4, optimizer="adamw", lr=1e-3,
+                     weight_decay=0.05, epochs=5, batch_size=64, warmup_epochs=1, scheduler="cosine",
+                     ema_decay=0.99, eval_every=-1, num_workers=1, eval_batch_size=64),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}

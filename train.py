@@ -24,7 +24,7 @@ import torch.nn as nn
 import backbones
 import heads
 import losses
-from config import Config, ConfigError, add_config_flags, apply_overrides, from_dict, parse_config, save_config
+from config import Config, ConfigError, add_config_flags, apply_overrides, coerce, from_dict, parse_config, save_config
 from data.dataset import FaceDataset, build_dataset
 from engine import distributed as dist_utils
 from engine.checkpoint import load_training_checkpoint, numbered_checkpoints, resumable_checkpoint
@@ -33,6 +33,7 @@ from engine.finetune import BackboneInit, adopt_fields, load_backbone_init, load
 from engine.objective import DenseLoss, Objective
 from engine.runlog import RunLog
 from engine.schedule import SCHEDULES
+from engine.teacher import check_same_teacher, load_teacher
 from engine.trainer import Trainer
 from evaluation.targets import evaluate_targets, load_targets, mean_accuracy
 from heads.base import deferred_centres
@@ -156,6 +157,10 @@ def check_values(cfg: Config) -> None:
     SCHEDULES.get(cfg.scheduler)  # a misspelt --scheduler: did-you-mean now, not when warmup ends
     if not [p for p in cfg.data.split(",") if p.strip()]:
         raise ConfigError(f"--data {cfg.data!r} names no data (a pack folder, a .rec, or an image folder)")
+    sources = [p for p in cfg.data.split(",") if p.strip()]  # --data-weights: one per source (data/mixing.py)
+    if cfg.data_weights and len(cfg.data_weights) != len(sources):
+        raise ConfigError(f"--data-weights {','.join(f'{w:g}' for w in cfg.data_weights)}: "
+                          f"{len(cfg.data_weights)} weight(s) for {len(sources)} --data source(s); give one per source")
     if cfg.sample_rate < 1.0 and not cfg.partial_fc:
         raise ConfigError("--sample-rate below 1 samples Partial FC's classes: add --partial-fc")
     for field in ("init_backbone", "init_head"):
@@ -245,12 +250,13 @@ def resumed(cfg: Config, given: Dict[str, Any], world_size: int) -> Tuple[Config
     if not source:
         return cfg, None
     state = load_training_checkpoint(source)
-    saved_mult = state.get("config", {}).get("backbone_lr_mult", 1.0)
-    if "backbone_lr_mult" in given and float(given["backbone_lr_mult"]) != saved_mult:
-        raise ConfigError(f"--backbone-lr-mult {given['backbone_lr_mult']} on resume: {source} was trained with "
-                          f"{saved_mult:g} (its lr schedule holds it); drop --backbone-lr-mult")
-    cfg = apply_overrides(from_dict(state.get("config"), source=f"{source} (its saved config)"),
-                          {**given, "resume": source})
+    saved = from_dict(state.get("config"), source=f"{source} (its saved config)")
+    for key in ("backbone_lr_mult", "head_lr_mult", "layer_decay", "optimizer"):  # the optimizer's groups (issue 16)
+        if key in given and coerce(key, given[key]) != getattr(saved, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {given[key]} on resume: {source} was trained with {getattr(saved, key)} "
+                              f"(its optimizer state holds it); drop {flag}")
+    cfg = apply_overrides(saved, {**given, "resume": source})
     if "output" not in given:
         cfg = apply_overrides(cfg, {"output": source if os.path.isdir(source)
                                     else os.path.dirname(os.path.abspath(source))})
@@ -334,6 +340,9 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if info.is_main:
         claim_output(cfg, resuming=state is not None)
     cfg, init, notes = fine_tune_start(cfg, given, state is not None)
+    teacher = load_teacher(cfg)  # a bad --teacher: one line, before the run folder is written
+    if state is not None:  # (the trainer checks again) before config.json is rewritten
+        check_same_teacher(state.get("teacher"), teacher, cfg.resume)
     precision = describe_amp(cfg, device)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
@@ -341,6 +350,9 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     log = open_run_log(cfg, info)
     for note in notes:
         log(note)
+    if teacher is not None:
+        log(f"teacher: {teacher.describe()}, frozen; loss = {cfg.margin_loss_weight:g} x margin loss + "
+            f"{cfg.distill_weight:g} x {cfg.distill_loss} distillation")
     dataset, model, objective = build_parts(cfg, info, log, init, cfg.init_head if state is None else "")
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     pfc = f", Partial FC over {info.world_size} process(es), R={cfg.sample_rate:g}" if cfg.partial_fc else ""
@@ -349,7 +361,8 @@ def train(cfg: Config, given: Dict[str, Any], info: DistInfo, device: torch.devi
     if info.is_main:
         save_config(cfg, os.path.join(cfg.output, "config.json"))
     evaluator = make_evaluator(cfg, device, log) if info.is_main else None
-    trainer = Trainer(cfg, model, objective, dataset, device, evaluator=evaluator, run_log=log, dist_info=info)
+    trainer = Trainer(cfg, model, objective, dataset, device, evaluator=evaluator, run_log=log, dist_info=info,
+                      teacher=teacher)
     if state is not None:
         trainer.load_state_dict(state)
         log(f"resumed from {cfg.resume} at step {trainer.step} (saved by {state.get('world_size', 1)} process(es))")

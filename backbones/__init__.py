@@ -24,7 +24,7 @@ from .weights import describe_backbone, load_state_dict_file, load_weights, mism
 register = BACKBONES.register
 
 # family modules register themselves on import
-from . import efficientnet, iresnet, irse, mobilefacenet  # noqa: E402,F401  isort: skip
+from . import efficientnet, iresnet, irse, mobilefacenet, vit  # noqa: E402,F401  isort: skip
 
 
 def build(name: str, embedding_size: int = 512, dropout: float = 0.0, channel_order: str = "rgb",

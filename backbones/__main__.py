@@ -16,8 +16,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'name':<22} {'params(M)':>9} {'GFLOPs':>7} {'GMACs':>7}  {'compatible layout':<40} trained on")
     for name, p, layout, order in rows:
         print(f"{name:<22} {p.params_m:>9.2f} {p.gflops:>7.3f} {p.gmacs:>7.3f}  {layout:<40} {order.upper()}")
-    print("Per 112x112 image, 1e9. GMACs: conv+linear multiply-accumulates. GFLOPs: the published (ptflops)\n"
-          "convention = GMACs + bias, BN (2/elem), PReLU/ReLU and pooling element ops. Our default build is RGB;\n"
+    print("Per 112x112 image, 1e9. GMACs: conv+linear multiply-accumulates (ViT: + attention matmuls). GFLOPs:\n"
+          "the published (ptflops) convention = GMACs + bias, BN/LayerNorm (2/elem), PReLU/ReLU and pooling\n"
+          "element ops. Our default build is RGB;\n"
           "'trained on' is the channel order of the published checkpoints (build with channel_order='bgr' for BGR).")
     return 0
 

@@ -8,6 +8,11 @@ Two numbers per model, both for ONE 112x112 RGB image, in units of 1e9:
   inputs, and two per element for affine BatchNorm. With it our models reproduce the published
   r18 2.6, r34 4.5, r50 6.3, r100 12.1, r200 23.4 and mbf 0.45 GFLOPs; MACs alone give mbf 0.44.
 
+Matmuls that are not layers (a transformer's q k^T and attn v) are counted as MACs by the module
+that does them, through an ``extra_macs(inputs, output) -> int`` method (one sample); LayerNorm
+counts like BatchNorm. ViT: arcface_torch's ptflops MACs plus its ``extra_gflops`` = ViT-T 1.5G,
+ViT-B 11G as published.
+
 Counting runs on the ``meta`` device, so even the largest backbones cost no compute.
 """
 
@@ -56,6 +61,12 @@ def count_ops(model: nn.Module, input_size: Tuple[int, int] = (112, 112),
     def bn_hook(m: nn.modules.batchnorm._BatchNorm, inp: Tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         other[0] += inp[0][0].numel() * (2 if m.affine else 1)
 
+    def layernorm_hook(m: nn.LayerNorm, inp: Tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        other[0] += inp[0][0].numel() * (2 if m.elementwise_affine else 1)
+
+    def extra_hook(m: nn.Module, inp: Tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        macs[0] += m.extra_macs(inp, out)
+
     def elementwise_out(m: nn.Module, inp: Tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         other[0] += out[0].numel()
 
@@ -75,6 +86,10 @@ def count_ops(model: nn.Module, input_size: Tuple[int, int] = (112, 112),
             hook = elementwise_out
         elif isinstance(m, _POOLS):
             hook = elementwise_in
+        elif isinstance(m, nn.LayerNorm):
+            hook = layernorm_hook
+        elif callable(getattr(m, "extra_macs", None)):
+            hook = extra_hook
         if hook is not None:
             hooks.append(m.register_forward_hook(hook))
     was_training = model.training

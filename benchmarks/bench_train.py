@@ -1,6 +1,6 @@
 """Training-step throughput: our Trainer step in several modes against a plain PyTorch loop.
 
-    python benchmarks/bench_train.py [--backbones mobilefacenet,ir_se50] [--batch-size 32] [--steps 4]
+    python benchmarks/bench_train.py [--backbones mobilefacenet,ir_se50,vit_t,vit_s] [--batch-size 32] [--steps 4]
                                      [--modes eager,channels_last,amp,compile] [--device auto] [--classes 10000]
 
 For each backbone, in one run, side by side:
@@ -125,8 +125,9 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", default="mobilefacenet,ir_se50",
-                        help="comma-separated (the issue's set: mobilefacenet,ir_se50,iresnet100,efficientnet_b0)")
+    parser.add_argument("--backbones", default="mobilefacenet,ir_se50,vit_t,vit_s",
+                        help="comma-separated (the issue's set: mobilefacenet,ir_se50,iresnet100,efficientnet_b0; "
+                             "transformers: vit_t,vit_s)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")

@@ -155,6 +155,18 @@ def validate_training_checkpoint(data: Any, path: str) -> Dict[str, Any]:
             raise CheckpointError(f"{path}: field {key!r} is {short_repr(data[key])}, not an integer in range")
     if "rng" in data:
         check_rng_state(data["rng"], path)
+    if "ema" in data:  # --ema-decay (engine/ema.py): the averaged backbone and its update count
+        typed_field(data, "ema", path, (Mapping,), "a mapping")
+        tensor_field(require_field(data["ema"], "model", path, "training checkpoint's 'ema'"), path, "ema.model")
+        if not is_int(data["ema"].get("updates", 0), 0, MAX_STEP):
+            raise CheckpointError(f"{path}: field 'ema.updates' is {short_repr(data['ema'].get('updates'))}, "
+                                  f"not a step count in 0..{MAX_STEP}")
+    if "teacher" in data:  # a distilled run: the teacher's identity (engine/teacher.py)
+        teacher = data["teacher"]
+        if not (isinstance(teacher, Mapping) and isinstance(teacher.get("path"), str)
+                and isinstance(teacher.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", teacher["sha256"])):
+            raise CheckpointError(f"{path}: field 'teacher' is {short_repr(teacher)}, not {{'path': str, "
+                                  f"'sha256': 64 hex digits}}")
     return data
 
 

@@ -80,15 +80,26 @@ class RunLog:
         if self._bar is not None:
             self._bar.update(1)
 
-    def window(self, step: int, total_steps: int, epoch: int, loss: float, lr: float, img_per_s: float) -> None:
-        """The mean loss, lr and global throughput of the steps since the last window (rank 0 calls it)."""
+    def window(self, step: int, total_steps: int, epoch: int, loss: float, lr: float, img_per_s: float,
+               distill: float | None = None) -> None:
+        """The mean loss, lr and global throughput of the steps since the last window (rank 0 calls it).
+
+        ``distill`` (with a teacher): the mean unweighted distillation term, also in ``loss``; logged
+        as ``distill`` (history, train.log) and ``train/distill`` (TensorBoard).
+        """
+        extra = {} if distill is None else {"distill": f"{distill:.4f}"}
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", img_s=f"{img_per_s:.0f}", epoch=epoch)
+            self._bar.set_postfix(loss=f"{loss:.3f}", **extra, lr=f"{lr:.4g}", img_s=f"{img_per_s:.0f}", epoch=epoch)
         if not self.progress:
-            self(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f} lr {lr:.5g} {img_per_s:.1f} img/s")
+            self(f"step {step}/{total_steps} epoch {epoch} loss {loss:.4f}"
+                 + "".join(f" {k} {v}" for k, v in extra.items()) + f" lr {lr:.5g} {img_per_s:.1f} img/s")
         for k, v in (("step", step), ("loss", loss), ("lr", lr)):
             self.history[k].append(v)
-        self._scalars(step, {"train/loss": loss, "train/lr": lr, "train/img_per_s": img_per_s})
+        scalars = {"train/loss": loss, "train/lr": lr, "train/img_per_s": img_per_s}
+        if distill is not None:
+            self.history.setdefault("distill", []).append(distill)
+            scalars["train/distill"] = distill
+        self._scalars(step, scalars)
 
     def bad_step(self, step: int, count: int) -> None:
         """Step ``step`` was skipped; ``count`` skipped so far in the run."""

@@ -1,4 +1,4 @@
-"""The pieces of one optimizer step: what DDP wraps, the optimizer's groups, the flips of a
+"""The pieces of one optimizer step: what DDP wraps, the flips of a
 global batch, gradient clipping across shards, and the verdict on a non-finite step.
 
 Every function treats all heads alike: a head's sharded parameters (Partial FC's centres
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Dict, List
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -52,25 +52,6 @@ def wants_data_parallel(enabled: bool, info: DistInfo, device: torch.device) -> 
     """DataParallel over all visible GPUs: one process, CUDA without an index, more than one GPU, ``enabled``."""
     return (enabled and not info.distributed and device.type == "cuda" and device.index is None
             and torch.cuda.device_count() > 1)
-
-
-def param_groups(modules: List[nn.Module], weight_decay: float) -> List[Dict[str, Any]]:
-    """Weight decay on weights (conv, linear, class centres), none on BN and biases (ndim <= 1)."""
-    decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def fine_tune_groups(backbone: nn.Module, objective: nn.Module, weight_decay: float, lr: float,
-                     backbone_lr_mult: float) -> List[Dict[str, Any]]:
-    """param_groups with the head's groups first (group 0 carries the base lr the log reports) and the
-    backbone's at ``lr * backbone_lr_mult``; LambdaLR scales every group by the same schedule."""
-    head = param_groups([objective], weight_decay)
-    body = [dict(g, lr=lr * backbone_lr_mult) for g in param_groups([backbone], weight_decay)]
-    return head + body
 
 
 def copy_all(dst: List[torch.Tensor], src: List[torch.Tensor]) -> None:

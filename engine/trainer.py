@@ -37,18 +37,22 @@ import torch.nn as nn
 
 from backbones.weights import save_backbone
 from config import Config, to_dict
-from data.dataset import FaceDataset, ResumableBatchSampler
+from data.dataset import FaceDataset
+from data.mixing import build_sampler
 from data.sources import DataSourceError
 from data.transforms import apply_flips, normalize
 from engine import distributed as dist_utils
 from engine import step as steps
 from engine.checkpoint import rng_state, save_training_checkpoint, set_rng_state
 from engine.distributed import DistInfo
+from engine.ema import BackboneEMA, ema_summary
 from engine.feeder import BatchFeeder, MicroBatch, WaitInterrupted
 from engine.objective import Objective
+from engine.optim import base_lr, build_optimizer, per_parameter_state
 from engine.runlog import RunLog
 from engine.schedule import make_lr_lambda
 from engine.stopping import StopSignals
+from engine.teacher import Distillation, Teacher, check_same_teacher
 from utils.precision import amp_dtype, needs_grad_scaler
 from utils.torchfile import CheckpointError, check_finite
 
@@ -71,7 +75,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, model: nn.Module, objective: Objective, dataset: FaceDataset,
                  device: torch.device, evaluator: Evaluator | None = None, run_log: RunLog | None = None,
-                 dist_info: DistInfo = DistInfo()) -> None:
+                 dist_info: DistInfo = DistInfo(), teacher: Teacher | None = None) -> None:
         self.cfg, self.device, self.dist, self.dataset, self.evaluator = cfg, device, dist_info, dataset, evaluator
         self.output_dir = cfg.output
         self.model, self.objective = model.to(device), objective.to(device)
@@ -79,8 +83,10 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.log = run_log if run_log is not None else RunLog(cfg.output, dist_info.is_main, cfg.progress)
         self.accum = cfg.grad_accum
-        self.sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, rank=dist_info.rank,
-                                             world_size=dist_info.world_size)
+        self.sampler = build_sampler([len(s) for s in dataset.sources], cfg.batch_size, seed=cfg.seed,
+                                     rank=dist_info.rank, world_size=dist_info.world_size, weights=cfg.data_weights)
+        if cfg.data_weights:
+            self.log(self.sampler.describe([s.path for s in dataset.sources]))
         self.global_batch = cfg.batch_size * dist_info.world_size * self.accum
         self.steps_per_epoch = self.sampler.batches_per_epoch() // self.accum
         if self.steps_per_epoch == 0:
@@ -89,11 +95,8 @@ class Trainer:
                                   f"{self.accum})")
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-        self.optimizer = torch.optim.SGD(steps.param_groups([self.model, self.objective], cfg.weight_decay)
-                                         if cfg.backbone_lr_mult == 1 else
-                                         steps.fine_tune_groups(self.model, self.objective, cfg.weight_decay,
-                                                                cfg.lr, cfg.backbone_lr_mult),
-                                         lr=cfg.lr, momentum=cfg.momentum)
+        self.optimizer = build_optimizer(cfg, self.model, self.objective)  # engine/optim.py: --optimizer, groups
+        self.ema = BackboneEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # engine/ema.py
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_lr_lambda(
             total_steps=self.total_steps, warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
             kind=cfg.scheduler, milestones=[int(round(m * self.steps_per_epoch)) for m in cfg.milestones],
@@ -101,6 +104,11 @@ class Trainer:
         self.amp_dtype = amp_dtype(cfg.amp_dtype, device) if cfg.amp else None
         self.use_scaler = self.amp_dtype is not None and needs_grad_scaler(self.amp_dtype, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        # knowledge distillation (engine/teacher.py): a frozen teacher outside model, optimizer and checkpoint
+        self.distill = None if teacher is None else Distillation(
+            teacher.to(device, cfg.channels_last), cfg.distill_loss, cfg.distill_weight, cfg.margin_loss_weight,
+            self.amp_dtype)
+        self.distill_term = torch.zeros(())  # the latest step's distillation term (mean over its micro-batches)
         self.data_parallel = steps.wants_data_parallel(cfg.data_parallel, dist_info, device)
         self._backbone = torch.compile(self.model) if cfg.compile else self.model
         self.step_module = steps.wrap(steps.StepModule(self._backbone, objective.replica, self.amp_dtype), dist_info,
@@ -147,27 +155,36 @@ class Trainer:
         optimizer = self.optimizer.state_dict()
         sharded = {id(p) for p in self.objective.sharded_parameters()}
         for i, p in enumerate(self._optimizer_params()):
-            buf = optimizer["state"].get(i, {}).get("momentum_buffer")
-            if id(p) in sharded and buf is not None:  # a new entry: the optimizer's own state is not touched
-                optimizer["state"][i] = dict(optimizer["state"][i],
-                                             momentum_buffer=self.objective.gather_rows(buf, dst=0, group=group))
-        return {"step": self.step, "model": self.model.state_dict(), **self.objective.checkpoint_state(group),
+            entry = optimizer["state"].get(i, {})
+            if id(p) in sharded:  # a new entry: the optimizer's own state is not touched
+                optimizer["state"][i] = dict(entry, **{k: self.objective.gather_rows(entry[k], dst=0, group=group)
+                                                       for k in per_parameter_state(entry, p)})
+        ema = {} if self.ema is None else {"ema": self.ema.state_dict()}
+        return {**ema, "step": self.step, "model": self.model.state_dict(), **self.objective.checkpoint_state(group),
                 "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps, "history": self.history,
-                "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch}
+                "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch,
+                **({"teacher": self.distill.teacher.identity()} if self.distill is not None else {})}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a checkpoint written at any world size (full sharded matrices are re-sharded)."""
+        check_same_teacher(state.get("teacher"), self.distill.teacher if self.distill is not None else None,
+                           self.cfg.resume or "the checkpoint")
         self.model.load_state_dict(state["model"])
         self.objective.load_checkpoint_state(state)
         optimizer = dict(state["optimizer"], state=dict(state["optimizer"]["state"]))
         sharded = {id(p) for p in self.objective.sharded_parameters()}
         for i, p in enumerate(self._optimizer_params()):
             entry = optimizer["state"].get(i, {})
-            buf = entry.get("momentum_buffer")
-            if id(p) in sharded and buf is not None and buf.shape != p.shape:
-                optimizer["state"][i] = dict(entry, momentum_buffer=self.objective.shard_rows(buf))
+            if id(p) in sharded:  # full matrices (momentum, exp_avg, ...) back to this rank's rows
+                optimizer["state"][i] = dict(entry, **{k: self.objective.shard_rows(entry[k])
+                                                       for k in per_parameter_state(entry, p)
+                                                       if entry[k].shape != p.shape})
         self.optimizer.load_state_dict(optimizer)
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:  # a checkpoint without an average (EMA newly switched on): start from its weights
+            self.ema.module.load_state_dict(state["model"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] or not self.use_scaler:  # empty: saved without loss scaling (CPU, bf16): start afresh
             self.scaler.load_state_dict(state["scaler"])
@@ -190,14 +207,17 @@ class Trainer:
         if self.dist.is_main:
             save_training_checkpoint(path, keep=self.cfg.keep, config=to_dict(self.cfg), **state)
             self.save_backbone("backbone.pt")
+            if self.ema is not None:
+                self.save_backbone("backbone_ema.pt", self.ema.module)
             self.log.write_history()
         dist_utils.barrier(self.dist, self.device)
         self._saved_at = (self.step, path)
 
-    def save_backbone(self, name: str) -> None:
-        """The weights-only file evaluate.py reads (backbone.pt, best.pt, backbone_init.pt) in the run directory."""
-        cfg = self.cfg
-        save_backbone(os.path.join(self.output_dir, name), self.model.state_dict(), cfg.backbone,
+    def save_backbone(self, name: str, model: nn.Module | None = None) -> None:
+        """The weights-only file evaluate.py reads (backbone.pt, best.pt, backbone_init.pt, backbone_ema.pt:
+        ``model``, default the live backbone) in the run directory."""
+        cfg, model = self.cfg, self.model if model is None else model
+        save_backbone(os.path.join(self.output_dir, name), model.state_dict(), cfg.backbone,
                       cfg.embedding_size, cfg.input_order, to_dict(cfg))
 
     # ------------------------------------------------------------------ one step
@@ -220,6 +240,7 @@ class Trainer:
         if self._buffers:
             steps.copy_all(self._buffer_copy, self._buffers)
         total = torch.zeros((), device=self.device)
+        distill_total = torch.zeros((), device=self.device)
         for m, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -230,20 +251,27 @@ class Trainer:
             with sync:
                 emb, out = self.step_module(x, labels)
                 loss = self.objective.loss(emb, out, labels)
+                if self.distill is not None:
+                    loss, term = self.distill.add_term(loss, x, emb)
+                    distill_total += term / len(micro_batches)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach() / len(micro_batches)
+        self.distill_term = distill_total
         sharded = self.objective.sharded_parameters()
         if self.use_scaler:
             steps.agree_on_overflow(sharded, self.dist, self.device)
         self.scaler.unscale_(self.optimizer)  # (a no-op without loss scaling) the norm in true units
         norm = steps.clip_gradients(self._optimizer_params(), sharded, self.cfg.grad_clip, self.device)
-        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        self.step_lr = base_lr(self.optimizer)
         self.last_bad = steps.non_finite(total, norm, self.step_lr, self.use_scaler, self.dist, self.device)
         if self.last_bad is None:
             self.scaler.step(self.optimizer)
         elif self._buffers:
             steps.copy_all(self._buffers, self._buffer_copy)
+        scale = self.scaler.get_scale() if self.ema is not None and self.use_scaler else 0.0
         self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
+        if self.ema is not None and self.last_bad is None and self.scaler.get_scale() >= scale:
+            self.ema.update(self.model)  # (a lower loss scale: GradScaler skipped the step on an overflow)
         with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
@@ -284,6 +312,7 @@ class Trainer:
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         saved = evaluated = -1
         window: List[torch.Tensor] = []
+        distill_window: List[torch.Tensor] = []
         t0 = time.perf_counter()
         self.log.open(self.total_steps, self.step)
         try:
@@ -294,9 +323,10 @@ class Trainer:
                     self.log.stepped()
                     self._count_bad_step()
                     window += [loss] if self.last_bad is None else []
+                    distill_window += [self.distill_term] if self.last_bad is None else []
                     if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                        self._log_window(window, time.perf_counter() - t0, epoch)
-                        window, t0 = [], time.perf_counter()
+                        self._log_window(window, time.perf_counter() - t0, epoch, distill_window)
+                        window, distill_window, t0 = [], [], time.perf_counter()
                     if self.stops.agreed():
                         break
                     if self._due(self.cfg.save_every):
@@ -345,18 +375,24 @@ class Trainer:
             return self.step % every == 0
         return every == 0 and self.step % self.steps_per_epoch == 0
 
-    def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int) -> None:
+    def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int,
+                    distill: List[torch.Tensor] | None = None) -> None:
         """Record the mean loss (over good steps and ranks), lr and global throughput of the last steps.
 
         ``losses`` holds the steps that updated the weights (finite by construction; the same
-        number on every rank); none (all skipped): nothing to record.
+        number on every rank); none (all skipped): nothing to record. ``distill``: the distillation
+        terms of the same steps (with a teacher), logged apart.
         """
         if not losses:
             return
         mean_loss = dist_utils.mean_over_ranks(float(torch.stack(losses).mean()), self.dist, self.device)
+        mean_distill = None
+        if self.distill is not None and distill:
+            mean_distill = dist_utils.mean_over_ranks(float(torch.stack(distill).mean()), self.dist, self.device)
         if self.dist.is_main:
             ips = len(losses) * self.global_batch / max(seconds, 1e-9)
-            self.log.window(self.step, self.total_steps, epoch, mean_loss, self.optimizer.param_groups[0]["lr"], ips)
+            self.log.window(self.step, self.total_steps, epoch, mean_loss, base_lr(self.optimizer), ips,
+                            distill=mean_distill)
 
     def _count_bad_step(self) -> None:
         """Count a skipped step (log, history); stop after ``max_bad_steps`` in a row."""
@@ -388,9 +424,18 @@ class Trainer:
             if acc == acc and acc > self.best:  # not NaN, improved
                 self.best = acc
                 self.save_backbone("best.pt")
+            if self.ema is not None:
+                self._evaluate_ema()
             self.log.write_history()
         dist_utils.barrier(self.dist, self.device)
         return report
+
+    def _evaluate_ema(self) -> None:
+        """The EMA weights through the same evaluator: one line and history["eval_ema"] (best.pt and
+        verification.json stay the live weights')."""
+        summary, line = ema_summary(self.evaluator(self.ema.module), self.step, self.ema.decay)
+        self.history.setdefault("eval_ema", []).append(summary)
+        self.log(line)
 
     def _ensure_finite(self, what: str) -> None:
         """Refuse, on every rank at once, to write or evaluate weights holding NaN/inf."""

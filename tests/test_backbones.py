@@ -20,9 +20,12 @@ LAYOUTS_JSON = Path(os.environ.get("FACE_REFERENCE_DIR", "/work/shared/reference
 # batch 2; the big face EfficientNets one train step (forward + backward) at batch 2.
 HUGE = {"ir152", "ir_se152", "iresnet200"}
 BIG_EFFICIENTNETS = {"efficientnet_b5", "efficientnet_b6", "efficientnet_b7"}
+# ViTs: tests/test_vit.py trains the architecture at reduced depth and checks every variant's layout
+# against arcface_torch's key list written there; here the generic step runs on vit_t and vit_s only.
+BIG_VITS = {"vit_s_dp005_mask_0", "vit_b", "vit_b_dp005_mask_005", "vit_l", "vit_l_dp005_mask_005", "vit_h"}
 ALL = backbones.names()
-TRAINABLE = [n for n in ALL if n not in HUGE | BIG_EFFICIENTNETS]
-WITH_LAYOUT = [n for n in ALL if backbones.spec(n).layout]
+TRAINABLE = [n for n in ALL if n not in HUGE | BIG_EFFICIENTNETS | BIG_VITS]
+WITH_LAYOUT = [n for n in ALL if backbones.spec(n).layout and backbones.spec(n).family != "vit"]
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +253,7 @@ def test_checkpoint_built_from_published_layout_loads_strictly(name, layouts, tm
 
 # the smallest variant of each family (both layouts where a family has two)
 SMALLEST = {"iresnet": ["iresnet18"], "irse": ["ir50"], "mobilefacenet": ["mobilefacenet", "mbf"],
-            "efficientnet": ["efficientnet_b0", "efficientnet_b0_plain"]}
+            "efficientnet": ["efficientnet_b0", "efficientnet_b0_plain"], "vit": ["vit_t"]}
 
 
 def test_float64_cases_cover_every_family():

@@ -11,7 +11,7 @@ from config import build_config, from_dict
 from data.dataset import build_dataset
 from engine.checkpoint import load_training_checkpoint
 from engine.objective import DenseLoss
-from engine.step import param_groups
+from engine.optim import param_groups
 from engine.trainer import Trainer
 from heads.partial_fc import PartialFC
 from tests.small_nets import SmallNet
@@ -78,7 +78,7 @@ def test_the_checkpoint_config_rebuilds_the_runs_config(tiny_pack, tmp_path):
 
 def test_no_weight_decay_on_bn_and_bias():
     net = SmallNet(32)
-    decay, no_decay = param_groups([net], 5e-4)
+    decay, no_decay = param_groups(net, None, 5e-4)
     assert {p.ndim for p in decay["params"]} == {2, 4}
     assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
 
