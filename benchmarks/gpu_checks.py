@@ -321,9 +321,11 @@ def fp16(run: Run, check: Check) -> Dict[str, Any]:
     skips = numbers["scaler_skips"]
     ok = (finite and not hist["bad_steps"] and numbers["steps"] == s.fp16_steps
           and (not scaled or (numbers["final_scale"] is not None and numbers["final_scale"] >= 1
-                              and skips is not None and skips <= s.fp16_steps // 10)))
-    scale = (f"final scale {numbers['final_scale']:g} ({skips} overflow steps skipped by the scaler; read from "
-             f"checkpoint.pt: train.py does not log it)" if numbers["final_scale"] else "no GradScaler (not fp16)")
+                              and skips is not None and skips <= s.fp16_steps // 10
+                              and numbers["scale_in_history"])))
+    scale = (f"final scale {numbers['final_scale']:g} ({skips} overflow steps skipped by the scaler; logged "
+             f"per window in history.json: {numbers['scale_in_history']})" if numbers["final_scale"]
+             else "no GradScaler (not fp16)")
     verdict = (f"{numbers['steps']} steps, {numbers['bad_steps']} non-finite, loss {numbers['first_loss']:.3f} -> "
                f"{numbers['last_loss']:.3f}, {scale}")
     return {"ran": [shown(cmd)], "numbers": numbers, "ok": ok, "verdict": verdict}
