@@ -7,7 +7,7 @@ DATA   ?= datasets/synth
 RUN    ?= runs/demo
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_partial_fc.py
+
+# The GPU proof (at most 8 minutes on one H100/H200): six checks, results in benchmarks/results/gpu_check.json/.md.
+# Without CUDA it says so and exits; `$(PY) benchmarks/gpu_check.py --dry-run` rehearses it on the CPU.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(RUN) $(DATA) .pytest_cache

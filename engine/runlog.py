@@ -81,13 +81,17 @@ class RunLog:
             self._bar.update(1)
 
     def window(self, step: int, total_steps: int, epoch: int, loss: float, lr: float, img_per_s: float,
-               distill: float | None = None) -> None:
+               distill: float | None = None, scale: float | None = None) -> None:
         """The mean loss, lr and global throughput of the steps since the last window (rank 0 calls it).
 
         ``distill`` (with a teacher): the mean unweighted distillation term, also in ``loss``; logged
-        as ``distill`` (history, train.log) and ``train/distill`` (TensorBoard).
+        as ``distill`` (history, train.log) and ``train/distill`` (TensorBoard). ``scale`` (fp16 with
+        a GradScaler): the loss scale at the window's end, as ``scale`` and ``train/grad_scale``: a
+        scale that keeps halving flags gradients that overflow fp16.
         """
         extra = {} if distill is None else {"distill": f"{distill:.4f}"}
+        if scale is not None:
+            extra["scale"] = f"{scale:g}"
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{loss:.3f}", **extra, lr=f"{lr:.4g}", img_s=f"{img_per_s:.0f}", epoch=epoch)
         if not self.progress:
@@ -99,6 +103,9 @@ class RunLog:
         if distill is not None:
             self.history.setdefault("distill", []).append(distill)
             scalars["train/distill"] = distill
+        if scale is not None:
+            self.history.setdefault("scale", []).append(scale)
+            scalars["train/grad_scale"] = scale
         self._scalars(step, scalars)
 
     def bad_step(self, step: int, count: int) -> None:

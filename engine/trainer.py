@@ -392,7 +392,7 @@ class Trainer:
         if self.dist.is_main:
             ips = len(losses) * self.global_batch / max(seconds, 1e-9)
             self.log.window(self.step, self.total_steps, epoch, mean_loss, base_lr(self.optimizer), ips,
-                            distill=mean_distill)
+                            distill=mean_distill, scale=self.scaler.get_scale() if self.use_scaler else None)
 
     def _count_bad_step(self) -> None:
         """Count a skipped step (log, history); stop after ``max_bad_steps`` in a row."""

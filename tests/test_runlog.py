@@ -24,6 +24,15 @@ def test_a_window_without_a_bar_is_a_plain_line_and_a_history_entry(tmp_path):
     assert (log.history["step"], log.history["loss"], log.history["lr"]) == ([20], [2.5], [0.05])
 
 
+def test_the_fp16_loss_scale_is_logged_when_given(tmp_path):
+    log = RunLog(str(tmp_path), progress=False)
+    log.window(step=20, total_steps=100, epoch=1, loss=2.5, lr=0.05, img_per_s=123.4, scale=32768.0)
+    log.window(step=40, total_steps=100, epoch=1, loss=2.0, lr=0.05, img_per_s=120.0)
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert lines[0] == "step 20/100 epoch 1 loss 2.5000 scale 32768 lr 0.05 123.4 img/s"
+    assert "scale" not in lines[1] and log.history["scale"] == [32768.0]
+
+
 def test_an_evaluation_writes_verification_json_and_a_history_summary(tmp_path):
     log = RunLog(str(tmp_path), progress=False)
     log.evaluation(7, REPORT)
