@@ -83,7 +83,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.log = run_log if run_log is not None else RunLog(cfg.output, dist_info.is_main, cfg.progress)
         self.accum = cfg.grad_accum
-        self.sampler = build_sampler([len(s) for s in dataset.sources], cfg.batch_size, seed=cfg.seed,
+        sizes = [len(s) for s in dataset.sources] if cfg.data_weights else [len(dataset)]  # per source if mixed
+        self.sampler = build_sampler(sizes, cfg.batch_size, seed=cfg.seed,
                                      rank=dist_info.rank, world_size=dist_info.world_size, weights=cfg.data_weights)
         if cfg.data_weights:
             self.log(self.sampler.describe([s.path for s in dataset.sources]))
