@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_partial_fc.py
+	$(PY) benchmarks/bench_ijb.py
+	$(PY) benchmarks/bench_ijb_pipeline.py
 
 # The GPU proof (at most 8 minutes on one H100/H200): six checks, results in benchmarks/results/gpu_check.json/.md.
 # Without CUDA it says so and exits; `$(PY) benchmarks/gpu_check.py --dry-run` rehearses it on the CPU.
