@@ -18,16 +18,20 @@ $(STAMP): requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 $(DATA)/property: | $(STAMP)
+	@echo "== make demo 1/4: synthetic training set (400 identities x 15 images) and seven .bin sets =="
 	$(PY) prepare_data.py synth --out $(DATA) --identities 400 --images-per-id 15 --pairs 0.02 --difficulty 0.3
 
 $(DATA)/IJBC/meta/ijbc_template_pair_label.txt: | $(STAMP)
+	@echo "== make demo 2/4: a synthetic IJB-C release (60 held-out identities) =="
 	$(PY) prepare_data.py synth --out $(DATA) --ijb-only --ijb-subjects 60 --difficulty 0.3
 
-# Generate the synthetic sets (once), train MobileFaceNet + ArcFace on the CPU, then evaluate
-# the untrained and the trained weights side by side: the seven .bin sets and a synthetic IJB-C.
+# Generate the synthetic sets (once), train a small ViT (vit_mini, AdamW + CosFace, 5 epochs) on the
+# CPU, then evaluate the untrained and the trained weights side by side: the seven .bin sets and IJB-C.
 demo: $(STAMP) $(DATA)/property $(DATA)/IJBC/meta/ijbc_template_pair_label.txt
 	rm -rf $(RUN)
-	$(PY) train.py --preset demo --data $(DATA) --output $(RUN) --save-init
+	@echo "== make demo 3/4: training vit_mini (--preset vit_demo) on the CPU =="
+	$(PY) train.py --preset vit_demo --data $(DATA) --output $(RUN) --save-init
+	@echo "== make demo 4/4: evaluating the untrained and the trained weights =="
 	$(PY) evaluate.py $(RUN)/backbone_init.pt $(RUN)/backbone.pt --data $(DATA) --ijb $(DATA)/IJBC \
 		--report $(RUN) --batch-size 64
 

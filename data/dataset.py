@@ -140,11 +140,15 @@ class ResumableBatchSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start
 
+    def stream(self, epoch: int) -> torch.Tensor:
+        """The global dataset indices of epoch ``epoch`` in order (all ranks' images): a permutation."""
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(self.n, generator=g)
+
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[self.rank::self.world_size]
+        mine = self.stream(self.epoch)[self.rank::self.world_size]
         for b in range(self.start, self.batches_per_epoch()):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
 
 def worker_init(_: int) -> None:

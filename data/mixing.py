@@ -32,11 +32,10 @@ the images of one global batch do not depend on how many processes split it.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from data.dataset import ResumableBatchSampler
 
@@ -85,11 +84,12 @@ def walk(size: int, seed: int, source: int, start: int, count: int) -> torch.Ten
     return torch.cat(out)
 
 
-class WeightedBatchSampler(Sampler[List[int]]):
+class WeightedBatchSampler(ResumableBatchSampler):
     """Batches of global dataset indices drawn from several sources with weights (see the module text).
 
-    Same surface as ResumableBatchSampler: ``batches_per_epoch``, ``set_epoch(epoch, start)``,
-    ``batch_size``, ``epoch``; ``sizes`` are the sources' image counts in dataset order.
+    ResumableBatchSampler's bookkeeping (``batches_per_epoch``, ``set_epoch(epoch, start)``,
+    ``__len__``, each rank's share of the stream) with another ``stream`` of indices;
+    ``sizes`` are the sources' image counts in dataset order.
     """
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], batch_size: int, seed: int = 0,
@@ -101,21 +101,8 @@ class WeightedBatchSampler(Sampler[List[int]]):
             raise ValueError(f"{self.sizes.size} sources: at most 32767 can be mixed")
         self.weights = normalise(weights, self.sizes.size)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])
-        self.n = int(self.starts[-1])
-        self.quota = quotas(self.weights, self.n)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-        if self.batches_per_epoch() == 0:
-            raise ValueError(f"{self.n} images are fewer than one batch of {batch_size} x {world_size} process(es)")
-
-    def batches_per_epoch(self) -> int:
-        return self.n // (self.batch_size * self.world_size)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch() - self.start
+        self.quota = quotas(self.weights, int(self.starts[-1]))
+        super().__init__(int(self.starts[-1]), batch_size, seed=seed, rank=rank, world_size=world_size)
 
     def stream(self, epoch: int) -> torch.Tensor:
         """The global dataset indices of epoch ``epoch`` in order (all ranks' images, n of them)."""
@@ -126,11 +113,6 @@ class WeightedBatchSampler(Sampler[List[int]]):
         for k, (size, q) in enumerate(zip(self.sizes.tolist(), self.quota.tolist())):
             out[which == k] = walk(size, self.seed, k, epoch * q, q) + int(self.starts[k])
         return out
-
-    def __iter__(self) -> Iterator[List[int]]:
-        mine = self.stream(self.epoch)[self.rank::self.world_size]
-        for b in range(self.start, self.batches_per_epoch()):
-            yield mine[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
     def describe(self, names: Sequence[str] = ()) -> str:
         """One line for the run log: each source's weight, images per epoch and passes over it per epoch;

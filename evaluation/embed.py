@@ -106,7 +106,9 @@ def embed(
             bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False)
             for sl in _batches(n, batch_size):
                 chunk = images[sl]
-                t = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+                if isinstance(chunk, np.ndarray):  # a read-only memmap (the decode cache) is copied, not wrapped
+                    chunk = np.ascontiguousarray(chunk) if chunk.flags.writeable else np.array(chunk, order="C")
+                t = torch.from_numpy(chunk) if isinstance(chunk, np.ndarray) else chunk
                 x = normalize(t.to(device, non_blocking=True), channels_last=channels_last)
                 e = model(x).double()
                 ef = model(x.flip(3)).double() if mode.flip else None

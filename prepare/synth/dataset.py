@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import os
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 
 import cv2
 import numpy as np
@@ -145,6 +147,40 @@ def _work(args: Tuple[int, float, int, _Job]) -> bytes:
     return _encode(render_job(seed, difficulty, job), quality)
 
 
+@contextlib.contextmanager
+def encoded(work: Callable[[Any], bytes], jobs: Iterable[Any], workers: int, total: int, desc: str,
+            progress: bool, chunksize: int = 32) -> Iterator[Iterator[bytes]]:
+    """The payloads ``work(job)`` in job order, rendered by a fork pool of ``workers`` when > 1, counted
+    on a tqdm bar (``progress``); the pool is terminated and the bar closed on leaving, however left."""
+    pool = None
+    if workers > 1:
+        import multiprocessing as mp
+
+        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
+        results: Iterator[bytes] = pool.imap(work, jobs, chunksize=chunksize)
+    else:
+        results = map(work, jobs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="img")
+
+    def counted() -> Iterator[bytes]:
+        for payload in results:
+            if bar is not None:
+                bar.update(1)
+            yield payload
+
+    try:
+        yield counted()
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()
+
+
 def generate_dataset(out_dir: str, identities: int = 300, images_per_id: int = 20, pairs: float = 0.05,
                      seed: int = 0, difficulty: float = 1.0, jpeg_quality: int = 90, progress: bool = True,
                      workers: int = 1) -> Dict[str, Any]:
@@ -164,38 +200,14 @@ def generate_dataset(out_dir: str, identities: int = 300, images_per_id: int = 2
     os.makedirs(out_dir, exist_ok=True)
     jobs, sets = dataset_jobs(identities, images_per_id, pairs, seed, difficulty)
     args = ((seed, float(difficulty), jpeg_quality, j) for j in jobs)
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
-        results: Iterator[bytes] = pool.imap(_work, args, chunksize=32)
-    else:
-        results = map(_work, args)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(jobs), desc="synth", unit="img")
-
-    def take(n: int) -> Iterator[bytes]:
-        for _ in range(n):
-            payload = next(results)
-            if bar is not None:
-                bar.update(1)
-            yield payload
-
     n_train = identities * images_per_id
-    try:
+    with encoded(_work, args, workers, len(jobs), "synth", progress) as results:
         labels = (j[1] for j in jobs[:n_train])
-        pack = write_pack(out_dir, zip(labels, take(n_train)), num_classes=identities, image_size=(SIZE, SIZE))
+        pack = write_pack(out_dir, zip(labels, itertools.islice(results, n_train)), num_classes=identities,
+                          image_size=(SIZE, SIZE))
         for name, info in sets.items():
-            write_bin(os.path.join(out_dir, f"{name}.bin"), list(take(info["images"])), info["issame"])
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
+            write_bin(os.path.join(out_dir, f"{name}.bin"), list(itertools.islice(results, info["images"])),
+                      info["issame"])
     seconds = time.perf_counter() - t0
     return {"out_dir": out_dir, "seed": seed, "difficulty": difficulty, "train_classes": identities,
             "train_images": n_train, "pack": pack, "images": len(jobs), "seconds": round(seconds, 2),

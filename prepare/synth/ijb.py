@@ -37,13 +37,13 @@ import math
 import os
 import re
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import cv2
 import numpy as np
 
 from detection.align import template
-from prepare.synth.dataset import render_job
+from prepare.synth.dataset import encoded, render_job
 from prepare.synth.render import SIZE
 from utils.atomic import write_bytes, write_text
 from utils.errors import UserError
@@ -280,29 +280,9 @@ def generate_ijb(out_dir: str, subjects: int = 200, seed: int = 0, difficulty: f
     os.makedirs(crops, exist_ok=True)
     _remove_stale(crops, len(faces))
     jobs = ((seed, float(difficulty), jpeg_quality, f) for f in faces)
-    pool = None
-    if workers > 1:
-        import multiprocessing as mp
-
-        pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers)
-        results: Iterator[bytes] = pool.imap(_work, jobs, chunksize=16)
-    else:
-        results = map(_work, jobs)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(faces), desc=f"synth {target}", unit="img")
-    try:
+    with encoded(_work, jobs, workers, len(faces), f"synth {target}", progress, chunksize=16) as results:
         for face, payload in zip(faces, results):
             write_bytes(os.path.join(crops, f"{face.image}.jpg"), payload)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.terminate()
     for name, text in meta_texts(faces, templates, pairs, target).items():
         write_text(os.path.join(root, "meta", name), text)
     seconds = time.perf_counter() - t0
