@@ -22,8 +22,8 @@ $(DATA)/property: | $(STAMP)
 	$(PY) prepare_data.py synth --out $(DATA) --identities 400 --images-per-id 15 --pairs 0.02 --difficulty 0.3
 
 $(DATA)/IJBC/meta/ijbc_template_pair_label.txt: | $(STAMP)
-	@echo "== make demo 2/4: a synthetic IJB-C release (60 held-out identities) =="
-	$(PY) prepare_data.py synth --out $(DATA) --ijb-only --ijb-subjects 60 --difficulty 0.3
+	@echo "== make demo 2/4: a synthetic IJB-C release (60 held-out identities, full nuisance: --difficulty 1.0) =="
+	$(PY) prepare_data.py synth --out $(DATA) --ijb-only --ijb-subjects 60 --difficulty 1.0
 
 # Generate the synthetic sets (once), train a small ViT (vit_mini, AdamW + CosFace, 5 epochs) on the
 # CPU, then evaluate the untrained and the trained weights side by side: the seven .bin sets and IJB-C.

@@ -118,20 +118,38 @@ def test_workers_give_the_same_bytes(release):
     assert in_process.tobytes() == two.tobytes() and ok0.tolist() == ok2.tolist()
 
 
-def test_cache_second_call_reads_the_entry_without_decoding(release, tmp_path):
+def test_cache_second_call_reads_the_entry_without_decoding(release, tmp_path, monkeypatch):
     folder, items, _ = release
     faces, logs = faces_of(items + [Face("gone.jpg", items[0].landmarks)]), []
     first, ok1 = collect(aligned_faces(faces, folder, str(tmp_path / "cache"), batch_size=2, workers=0,
                                        log=logs.append))
-    entry = tmp_path / "cache" / "ijb" / entry_key(faces)
+    entry = tmp_path / "cache" / "ijb" / entry_key(faces, folder)
     assert sorted(os.listdir(entry)) == ["crops.npy", "entry.json", "ok.npy"]
     assert os.listdir(tmp_path / "cache" / "ijb") == [entry.name]  # no temporary folder left
     assert sum("1 of 5" in line and "gone.jpg" in line for line in logs) == 1
-    for f in items:
-        os.remove(os.path.join(folder, f.name))
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a cache hit decoded an image")
+
+    monkeypatch.setattr(ijb_faces, "align_one", no_decoding)
     second, ok2 = collect(aligned_faces(faces, folder, str(tmp_path / "cache"), batch_size=3, workers=0,
                                         log=logs.append))
     assert second.tobytes() == first.tobytes() and ok2.tolist() == ok1.tolist() == [True] * 4 + [False]
+
+
+def test_replaced_images_with_the_same_meta_are_aligned_again(release, tmp_path):
+    """Same meta files, other pixels (a synthetic set regenerated at another difficulty): not the old crops."""
+    folder, items, _ = release
+    faces, cache = faces_of(items), str(tmp_path / "cache")
+    first, _ = collect(aligned_faces(faces, folder, cache, batch_size=2, workers=0, log=lambda s: None))
+    path = os.path.join(folder, items[0].name)
+    img = cv2.imread(path)
+    assert cv2.imwrite(path, 255 - img)
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    second, ok = collect(aligned_faces(faces, folder, cache, batch_size=2, workers=0, log=lambda s: None))
+    assert ok.all() and second[1:].tobytes() == first[1:].tobytes()
+    assert np.abs(second[0].astype(int) - first[0].astype(int)).mean() > 20
+    assert len(os.listdir(os.path.join(cache, "ijb"))) == 2  # a second entry, the first left as it was
 
 
 def test_interrupted_run_leaves_no_entry(release, tmp_path):
@@ -148,7 +166,7 @@ def test_damaged_entry_is_not_used(release, tmp_path, damage):
     folder, items, _ = release
     faces, cache, logs = faces_of(items), str(tmp_path / "cache"), []
     truth, _ = collect(aligned_faces(faces, folder, cache, batch_size=2, workers=0, log=logs.append))
-    entry = os.path.join(cache, "ijb", entry_key(faces))
+    entry = os.path.join(cache, "ijb", entry_key(faces, folder))
     crops = os.path.join(entry, "crops.npy")
     if damage == "no_json":
         os.remove(os.path.join(entry, "entry.json"))
