@@ -14,16 +14,16 @@ from typing import Any, List, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from data.imageformat import oversize
 from data.sources import FaceSource, open_source
 from utils.files import UnreadableFileError
 
 
-def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
-    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None if undecodable (or claiming in its
-    header more pixels than data.imageformat.MAX_IMAGE_PIXELS: such bytes never reach the decoder)."""
+def decode_bgr(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
+    """Encoded JPEG/PNG -> (H,W,3) uint8 BGR (OpenCV's order) at `size` (H,W), or None if undecodable (or
+    claiming in its header more pixels than data.imageformat.MAX_IMAGE_PIXELS: such bytes never reach the decoder)."""
     buf = np.frombuffer(payload, dtype=np.uint8)
     if buf.size == 0 or oversize(buf):
         return None
@@ -32,7 +32,23 @@ def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarr
         return None
     if img.shape[:2] != tuple(size):
         img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
+    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None (see `decode_bgr`)."""
+    img = decode_bgr(payload, size)
+    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def bgr_to_chw_rgb(img: np.ndarray) -> torch.Tensor:
+    """(H,W,3) uint8 BGR -> contiguous (3,H,W) uint8 RGB: channel 2 to plane 0, 1 to 1, 0 to 2 (cv2.mixChannels).
+
+    One pass instead of a BGR -> RGB conversion plus a transposing copy per image in `collate`.
+    """
+    out = np.empty((3, *img.shape[:2]), dtype=np.uint8)
+    cv2.mixChannels([img], [out[0], out[1], out[2]], (2, 0, 1, 1, 0, 2))
+    return torch.from_numpy(out)
 
 
 class FaceDataset(Dataset):
@@ -55,6 +71,8 @@ class FaceDataset(Dataset):
 
     def locate(self, index: int) -> Tuple[int, int]:
         """(source number, index inside that source) of a global index."""
+        if len(self.sources) == 1:
+            return 0, index
         k = int(np.searchsorted(self.starts, index, side="right") - 1)
         return k, index - int(self.starts[k])
 
@@ -71,22 +89,25 @@ class FaceDataset(Dataset):
         process can stop with that one line instead of a worker traceback.
         """
         k, i = self.locate(index)
-        blank = torch.zeros(3, *self.image_size, dtype=torch.uint8)
         try:
             payload = self.sources[k].read(i)
         except UnreadableFileError:  # a FIFO, a device or an over-size file where an image should be: skip it
-            return blank, -1, index
+            return self._blank(), -1, index
         except (OSError, ValueError) as exc:
-            return blank, -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
+            return self._blank(), -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
         if not self.decode:
             return torch.frombuffer(bytearray(payload), dtype=torch.uint8), int(self.labels[index]), index
         try:
-            img = decode_image(payload, self.image_size)
+            img = decode_bgr(payload, self.image_size)
         except (cv2.error, ValueError):
             img = None
         if img is None:
-            return blank, -1, index
-        return torch.from_numpy(img).permute(2, 0, 1), int(self.labels[index]), index
+            return self._blank(), -1, index
+        return bgr_to_chw_rgb(img), int(self.labels[index]), index
+
+    def _blank(self) -> torch.Tensor:
+        """The stand-in image of a skipped record (dropped by `collate`)."""
+        return torch.zeros(3, *self.image_size, dtype=torch.uint8)
 
 
 def build_dataset(spec: str, image_size: Tuple[int, int] = (112, 112), decode: bool = True) -> FaceDataset:
@@ -112,7 +133,7 @@ def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Ten
         return [(b[2], b[0]) for b in good], labels, bad
     if not good:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), labels, bad
-    return torch.stack([b[0] for b in good]), labels, bad
+    return default_collate([b[0] for b in good]), labels, bad  # in a worker: stacked straight into shared memory
 
 
 class ResumableBatchSampler(Sampler[List[int]]):
