@@ -133,7 +133,11 @@ def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Ten
         return [(b[2], b[0]) for b in good], labels, bad
     if not good:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), labels, bad
-    return default_collate([b[0] for b in good]), labels, bad  # in a worker: stacked straight into shared memory
+    images = [b[0] for b in good]
+    if torch.utils.data.get_worker_info() is not None:
+        return default_collate(images), labels, bad  # stacked straight into shared memory
+    out = torch.from_numpy(np.empty((len(images), *images[0].shape), dtype=np.uint8))  # reused pages: see
+    return torch.stack(images, out=out), labels, bad  # data.transforms.flip_normalize
 
 
 class ResumableBatchSampler(Sampler[List[int]]):
