@@ -41,14 +41,16 @@ def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarr
     return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def bgr_to_chw_rgb(img: np.ndarray) -> torch.Tensor:
+def bgr_to_chw_rgb(img: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
     """(H,W,3) uint8 BGR -> contiguous (3,H,W) uint8 RGB: channel 2 to plane 0, 1 to 1, 0 to 2 (cv2.mixChannels).
 
-    One pass instead of a BGR -> RGB conversion plus a transposing copy per image in `collate`.
+    One pass instead of a BGR -> RGB conversion plus a transposing copy. Written into `out` (a contiguous
+    (3,H,W) uint8 CPU tensor, e.g. a row of a batch) when given.
     """
-    out = np.empty((3, *img.shape[:2]), dtype=np.uint8)
-    cv2.mixChannels([img], [out[0], out[1], out[2]], (2, 0, 1, 1, 0, 2))
-    return torch.from_numpy(out)
+    out = torch.from_numpy(np.empty((3, *img.shape[:2]), dtype=np.uint8)) if out is None else out
+    planes = out.numpy()
+    cv2.mixChannels([img], [planes[0], planes[1], planes[2]], (2, 0, 1, 1, 0, 2))
+    return out
 
 
 class FaceDataset(Dataset):
@@ -80,13 +82,14 @@ class FaceDataset(Dataset):
         k, i = self.locate(index)
         return self.sources[k].describe(i)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int | str]:
+    def __getitem__(self, index: int, out: torch.Tensor | None = None) -> Tuple[torch.Tensor, int, int | str]:
         """(uint8 CHW RGB image, label, index); label -1 for an undecodable image (or an image file
         refused unread: a FIFO, a device, over the size cap), counted and skipped like one.
 
         A record that cannot be read at all (truncated file, bad magic) comes back
         with label -2 and the error message in place of the index, so the main
         process can stop with that one line instead of a worker traceback.
+        `out`: where to write the decoded image (see `__getitems__`).
         """
         k, i = self.locate(index)
         try:
@@ -103,7 +106,23 @@ class FaceDataset(Dataset):
             img = None
         if img is None:
             return self._blank(), -1, index
-        return bgr_to_chw_rgb(img), int(self.labels[index]), index
+        return bgr_to_chw_rgb(img, out), int(self.labels[index]), index
+
+    def __getitems__(self, indices: List[int]) -> List[Tuple[torch.Tensor, int, int | str]]:
+        """The items of one batch (the DataLoader asks for a batch sampler's list at once), their images
+        decoded straight into the rows of one (B,3,H,W) uint8 batch: `collate` hands that batch on
+        without stacking a copy when every row decoded. In a DataLoader worker the batch lives in
+        shared memory (as torch's own collate does), so it reaches the main process uncopied too.
+        """
+        if not self.decode:
+            return [self[i] for i in indices]
+        shape = (len(indices), 3, *self.image_size)
+        if torch.utils.data.get_worker_info() is not None:
+            batch = torch.empty(0, dtype=torch.uint8)
+            batch.set_(batch.untyped_storage()._new_shared(int(np.prod(shape))), 0, shape)
+        else:  # numpy's allocation reuses freed pages: see data.transforms.flip_normalize
+            batch = torch.from_numpy(np.empty(shape, dtype=np.uint8))
+        return [self.__getitem__(index, batch[row]) for row, index in enumerate(indices)]
 
     def _blank(self) -> torch.Tensor:
         """The stand-in image of a skipped record (dropped by `collate`)."""
@@ -134,6 +153,10 @@ def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Ten
     if not good:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), labels, bad
     images = [b[0] for b in good]
+    whole = images[0]._base  # FaceDataset.__getitems__: every image is its row of one batch, in order
+    if (len(good) == len(batch) and whole is not None and whole.dim() == 4 and len(whole) == len(images)
+            and all(im._base is whole and im.data_ptr() == whole[r].data_ptr() for r, im in enumerate(images))):
+        return whole, labels, bad
     if torch.utils.data.get_worker_info() is not None:
         return default_collate(images), labels, bad  # stacked straight into shared memory
     out = torch.from_numpy(np.empty((len(images), *images[0].shape), dtype=np.uint8))  # reused pages: see

@@ -56,33 +56,52 @@ def test_flip_normalize_strided_input_and_other_paths():
     mask = torch.tensor([True, False, True, True])
     assert torch.equal(flip_normalize(images, mask), _reference(images.contiguous(), mask))
     assert flip_normalize(images[:0], mask[:0]).shape == (0, 3, 8, 10)
+    with pytest.raises(ValueError, match="flip mask"):
+        flip_normalize(images, mask[:3])
+
+
+_RNG = np.random.default_rng(0)
+_PAYLOADS = [cv2.imencode(".jpg", _RNG.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes()
+             for _ in range(3)] + [b"not a jpeg"]
+
+
+class _Jpegs:
+    """Four random 112x112 JPEGs, one class each; record 3 does not decode."""
+
+    path, num_classes, payloads = "jpegs", 4, _PAYLOADS
+    labels = np.arange(4, dtype=np.int64)
+
+    def __len__(self):
+        return 4
+
+    def read(self, i):
+        return self.payloads[i]
+
+    def describe(self, i):
+        return f"jpeg {i}"
+
+
+def _opencv_rgb(i: int) -> torch.Tensor:
+    """Record i decoded by OpenCV and converted to RGB there, as (3,H,W)."""
+    bgr = cv2.imdecode(np.frombuffer(_Jpegs.payloads[i], np.uint8), cv2.IMREAD_COLOR)
+    return torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).permute(2, 0, 1)
 
 
 def test_items_are_cv2s_rgb_planes():
-    rng = np.random.default_rng(0)
-    bgr = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    bgr = np.random.default_rng(1).integers(0, 256, (112, 112, 3), dtype=np.uint8)
     chw = bgr_to_chw_rgb(bgr)
     assert chw.is_contiguous() and torch.equal(chw, torch.from_numpy(bgr[:, :, ::-1].transpose(2, 0, 1).copy()))
-
-    class _Jpegs:  # one JPEG source: the dataset's items against OpenCV's decode, converted here
-        path, num_classes = "jpegs", 2
-        payloads = [cv2.imencode(".jpg", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes()
-                    for _ in range(2)]
-        labels = np.arange(2, dtype=np.int64)
-
-        def __len__(self):
-            return 2
-
-        def read(self, i):
-            return self.payloads[i]
-
-        def describe(self, i):
-            return f"jpeg {i}"
-
     ds = FaceDataset([_Jpegs()])
     images, labels, bad = collate([ds[1], ds[0]])
-    for row, i in enumerate((1, 0)):
-        want = cv2.cvtColor(cv2.imdecode(np.frombuffer(_Jpegs.payloads[i], np.uint8), cv2.IMREAD_COLOR),
-                            cv2.COLOR_BGR2RGB)
-        assert torch.equal(images[row], torch.from_numpy(want).permute(2, 0, 1))
+    assert torch.equal(images, torch.stack([_opencv_rgb(1), _opencv_rgb(0)]))
     assert labels.tolist() == [1, 0] and bad == []
+
+
+def test_batch_decoded_in_place_matches_items():
+    ds = FaceDataset([_Jpegs()])
+    images, labels, bad = collate(ds.__getitems__([2, 0, 1]))  # what the DataLoader calls with a batch sampler
+    assert torch.equal(images, torch.stack([_opencv_rgb(2), _opencv_rgb(0), _opencv_rgb(1)]))
+    assert labels.tolist() == [2, 0, 1] and bad == []
+    images, labels, bad = collate(ds.__getitems__([1, 3, 0]))  # a bad record: the good rows, in order
+    assert torch.equal(images, torch.stack([_opencv_rgb(1), _opencv_rgb(0)]))
+    assert labels.tolist() == [1, 0] and bad == [3]
