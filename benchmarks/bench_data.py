@@ -129,7 +129,7 @@ def steady_rate(batches, step: Callable[[object], int]) -> float:
 def ours_loader(pack: str, workers: int, batch_size: int, transform: bool = True) -> float:
     """The training path: uint8 batches from the .rec, then (`transform`) the trainer's flip + normalise."""
     from data.dataset import ResumableBatchSampler, build_dataset, collate, worker_init
-    from data.transforms import apply_flips, normalize
+    from data.transforms import flip_normalize
 
     ds = build_dataset(pack)
     loader = DataLoader(ds, batch_sampler=ResumableBatchSampler(len(ds), batch_size, seed=0), num_workers=workers,
@@ -140,7 +140,7 @@ def ours_loader(pack: str, workers: int, batch_size: int, transform: bool = True
     def step(batch) -> int:
         images, labels, _ = batch
         if transform:
-            normalize(apply_flips(images, torch.rand(len(images), generator=flips) < 0.5))
+            flip_normalize(images, torch.rand(len(images), generator=flips) < 0.5)
         return len(labels)
 
     return steady_rate(loader, step)

@@ -14,16 +14,16 @@ from typing import Any, List, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from data.imageformat import oversize
 from data.sources import FaceSource, open_source
 from utils.files import UnreadableFileError
 
 
-def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
-    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None if undecodable (or claiming in its
-    header more pixels than data.imageformat.MAX_IMAGE_PIXELS: such bytes never reach the decoder)."""
+def decode_bgr(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
+    """Encoded JPEG/PNG -> (H,W,3) uint8 BGR (OpenCV's order) at `size` (H,W), or None if undecodable (or
+    claiming in its header more pixels than data.imageformat.MAX_IMAGE_PIXELS: such bytes never reach the decoder)."""
     buf = np.frombuffer(payload, dtype=np.uint8)
     if buf.size == 0 or oversize(buf):
         return None
@@ -32,7 +32,25 @@ def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarr
         return None
     if img.shape[:2] != tuple(size):
         img = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def decode_image(payload: bytes, size: Tuple[int, int] = (112, 112)) -> np.ndarray | None:
+    """Encoded JPEG/PNG -> (H,W,3) uint8 RGB at `size` (H,W), or None (see `decode_bgr`)."""
+    img = decode_bgr(payload, size)
+    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def bgr_to_chw_rgb(img: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(H,W,3) uint8 BGR -> contiguous (3,H,W) uint8 RGB: channel 2 to plane 0, 1 to 1, 0 to 2 (cv2.mixChannels).
+
+    One pass instead of a BGR -> RGB conversion plus a transposing copy. Written into `out` (a contiguous
+    (3,H,W) uint8 CPU tensor, e.g. a row of a batch) when given.
+    """
+    out = torch.from_numpy(np.empty((3, *img.shape[:2]), dtype=np.uint8)) if out is None else out
+    planes = out.numpy()
+    cv2.mixChannels([img], [planes[0], planes[1], planes[2]], (2, 0, 1, 1, 0, 2))
+    return out
 
 
 class FaceDataset(Dataset):
@@ -55,6 +73,8 @@ class FaceDataset(Dataset):
 
     def locate(self, index: int) -> Tuple[int, int]:
         """(source number, index inside that source) of a global index."""
+        if len(self.sources) == 1:
+            return 0, index
         k = int(np.searchsorted(self.starts, index, side="right") - 1)
         return k, index - int(self.starts[k])
 
@@ -62,31 +82,51 @@ class FaceDataset(Dataset):
         k, i = self.locate(index)
         return self.sources[k].describe(i)
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int | str]:
+    def __getitem__(self, index: int, out: torch.Tensor | None = None) -> Tuple[torch.Tensor, int, int | str]:
         """(uint8 CHW RGB image, label, index); label -1 for an undecodable image (or an image file
         refused unread: a FIFO, a device, over the size cap), counted and skipped like one.
 
         A record that cannot be read at all (truncated file, bad magic) comes back
         with label -2 and the error message in place of the index, so the main
         process can stop with that one line instead of a worker traceback.
+        `out`: where to write the decoded image (see `__getitems__`).
         """
         k, i = self.locate(index)
-        blank = torch.zeros(3, *self.image_size, dtype=torch.uint8)
         try:
             payload = self.sources[k].read(i)
         except UnreadableFileError:  # a FIFO, a device or an over-size file where an image should be: skip it
-            return blank, -1, index
+            return self._blank(), -1, index
         except (OSError, ValueError) as exc:
-            return blank, -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
+            return self._blank(), -2, str(exc).splitlines()[0] if str(exc) else f"{self.describe(index)}: unreadable"
         if not self.decode:
             return torch.frombuffer(bytearray(payload), dtype=torch.uint8), int(self.labels[index]), index
         try:
-            img = decode_image(payload, self.image_size)
+            img = decode_bgr(payload, self.image_size)
         except (cv2.error, ValueError):
             img = None
         if img is None:
-            return blank, -1, index
-        return torch.from_numpy(img).permute(2, 0, 1), int(self.labels[index]), index
+            return self._blank(), -1, index
+        return bgr_to_chw_rgb(img, out), int(self.labels[index]), index
+
+    def __getitems__(self, indices: List[int]) -> List[Tuple[torch.Tensor, int, int | str]]:
+        """The items of one batch (the DataLoader asks for a batch sampler's list at once), their images
+        decoded straight into the rows of one (B,3,H,W) uint8 batch: `collate` hands that batch on
+        without stacking a copy when every row decoded. In a DataLoader worker the batch lives in
+        shared memory (as torch's own collate does), so it reaches the main process uncopied too.
+        """
+        if not self.decode:
+            return [self[i] for i in indices]
+        shape = (len(indices), 3, *self.image_size)
+        if torch.utils.data.get_worker_info() is not None:
+            batch = torch.empty(0, dtype=torch.uint8)
+            batch.set_(batch.untyped_storage()._new_shared(int(np.prod(shape))), 0, shape)
+        else:  # numpy's allocation reuses freed pages: see data.transforms.flip_normalize
+            batch = torch.from_numpy(np.empty(shape, dtype=np.uint8))
+        return [self.__getitem__(index, batch[row]) for row, index in enumerate(indices)]
+
+    def _blank(self) -> torch.Tensor:
+        """The stand-in image of a skipped record (dropped by `collate`)."""
+        return torch.zeros(3, *self.image_size, dtype=torch.uint8)
 
 
 def build_dataset(spec: str, image_size: Tuple[int, int] = (112, 112), decode: bool = True) -> FaceDataset:
@@ -112,7 +152,15 @@ def collate(batch: List[Tuple[torch.Tensor, int, int | str]]) -> Tuple[torch.Ten
         return [(b[2], b[0]) for b in good], labels, bad
     if not good:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), labels, bad
-    return torch.stack([b[0] for b in good]), labels, bad
+    images = [b[0] for b in good]
+    whole = images[0]._base  # FaceDataset.__getitems__: every image is its row of one batch, in order
+    if (len(good) == len(batch) and whole is not None and whole.dim() == 4 and len(whole) == len(images)
+            and all(im._base is whole and im.data_ptr() == whole[r].data_ptr() for r, im in enumerate(images))):
+        return whole, labels, bad
+    if torch.utils.data.get_worker_info() is not None:
+        return default_collate(images), labels, bad  # stacked straight into shared memory
+    out = torch.from_numpy(np.empty((len(images), *images[0].shape), dtype=np.uint8))  # reused pages: see
+    return torch.stack(images, out=out), labels, bad  # data.transforms.flip_normalize
 
 
 class ResumableBatchSampler(Sampler[List[int]]):

@@ -40,7 +40,7 @@ from config import Config, to_dict
 from data.dataset import FaceDataset
 from data.mixing import build_sampler
 from data.sources import DataSourceError
-from data.transforms import apply_flips, normalize
+from data.transforms import flip_normalize
 from engine import distributed as dist_utils
 from engine import step as steps
 from engine.checkpoint import rng_state, save_training_checkpoint, set_rng_state
@@ -245,7 +245,7 @@ class Trainer:
         for m, (images, labels) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            x = normalize(apply_flips(images, masks[m, :len(images)]), channels_last=self.cfg.channels_last)
+            x = flip_normalize(images, masks[m, :len(images)], channels_last=self.cfg.channels_last)
             last = m == len(micro_batches) - 1
             sync = (contextlib.nullcontext() if last or not self.dist.distributed
                     or not hasattr(self.step_module, "no_sync") else self.step_module.no_sync())
