@@ -68,7 +68,7 @@ class Config:
         "at most one epoch; a whole undecodable epoch always stops)")})
     decode_on_device: bool = field(default=False, metadata={"help": (
         "workers only read bytes; JPEGs are decoded in batches where the model runs "
-        "(torchvision.io.decode_jpeg: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
+        "(TorchCodec's decode_jpeg, else torchvision's: nvJPEG on CUDA), for when the CPU cannot feed the GPU")})
     # --- mixed data: per-source sampling weights (data/mixing.py) ---
     data_weights: typing.Tuple[float, ...] = field(default=(), metadata={"gt": 0.0, "help": (
         "sampling weight of each --data source, comma-separated in --data's order (normalised to sum 1): "

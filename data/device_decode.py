@@ -1,17 +1,20 @@
 """Decode a batch of JPEGs where the model runs (nvJPEG on CUDA), so the CPU is not the bottleneck.
 
 The DataLoader workers then only read bytes; this module turns a list of encoded
-images into one uint8 (B, 3, H, W) RGB tensor on the device with
-torchvision.io.decode_jpeg (batched on CUDA). Payloads that are not JPEG (PNG in
-some packs) or that fail in the batch are decoded one by one, on the CPU if need
-be; an undecodable one is reported by position, as the CPU path reports it.
-(torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they
-still work, and this is the one module to change when they go.)
+images into one uint8 (B, 3, H, W) RGB tensor on the device. Payloads that are not
+JPEG (PNG in some packs) or that fail in the batch are decoded one by one, on the
+CPU if need be; an undecodable one is reported by position, as the CPU path reports it.
+
+Two codecs, one registry: TorchCodec (``torchcodec.decoders``, where the package is
+installed: the home of PyTorch's image codecs from torchvision 0.29 on, which deprecates
+its own) and torchvision.io as the fallback while it exists. ``codec()`` picks the first
+that imports; ``decode_batch(..., codec_name=...)`` forces one (benchmarks, tests).
+Both give the pixels cv2 gives for the same bytes on the CPU (tests/test_device_decode.py).
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,36 +22,78 @@ import torch.nn.functional as F
 from data.imageformat import image_format
 
 
+class Codec(NamedTuple):
+    """How one library decodes: a batch of JPEGs onto a device, and any one image (RGB, uint8, CHW)."""
+
+    name: str
+    jpegs: Callable[[List[torch.Tensor], torch.device], Sequence[torch.Tensor]]
+    image: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _torchcodec() -> Codec:
+    from torchcodec.decoders import decode_image, decode_jpeg
+
+    return Codec("torchcodec", lambda payloads, device: decode_jpeg(list(payloads), mode="RGB", device=device),
+                 lambda payload: decode_image(payload, mode="RGB"))
+
+
+def _torchvision() -> Codec:
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    return Codec("torchvision", lambda payloads, device: decode_jpeg(list(payloads), mode=ImageReadMode.RGB,
+                                                                      device=device),
+                 lambda payload: decode_image(payload, mode=ImageReadMode.RGB))
+
+
+#: Preference order: the first whose import works is used.
+CODECS: Dict[str, Callable[[], Codec]] = {"torchcodec": _torchcodec, "torchvision": _torchvision}
+_CHOSEN: Dict[str, Codec] = {}
+
+
+def codec(name: str | None = None) -> Codec:
+    """The codec called ``name``, or the first of CODECS that imports (cached per process)."""
+    key = name or "auto"
+    if key not in _CHOSEN:
+        names = [name] if name else list(CODECS)
+        errors = []
+        for n in names:
+            try:
+                _CHOSEN[key] = CODECS[n]()
+                break
+            except ImportError as exc:
+                errors.append(f"{n}: {exc}")
+        else:
+            raise ImportError("no image codec for --decode-on-device (" + "; ".join(errors) + ")")
+    return _CHOSEN[key]
+
+
 def _is_jpeg(payload: torch.Tensor) -> bool:
     return image_format(bytes(payload[:16].tolist())) == "jpeg"
 
 
-def _one(payload: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
+def _one(c: Codec, payload: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     try:
         if _is_jpeg(payload):
-            return decode_jpeg(payload, mode=ImageReadMode.RGB, device=device)
-        return decode_image(payload, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError:
+            return c.jpegs([payload], device)[0]
+        return c.image(payload).to(device)
+    except (RuntimeError, ValueError):
         return None
 
 
-def decode_batch(payloads: List[torch.Tensor], device: torch.device,
-                 size: Tuple[int, int] = (112, 112)) -> Tuple[torch.Tensor, List[int]]:
+def decode_batch(payloads: List[torch.Tensor], device: torch.device, size: Tuple[int, int] = (112, 112),
+                 codec_name: str | None = None) -> Tuple[torch.Tensor, List[int]]:
     """(uint8 (B', 3, H, W) RGB on `device`, positions of the undecodable payloads) from 1-D uint8 payloads.
 
     Images of another size are resized (area-like, antialiased) to `size` (H, W).
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    c = codec(codec_name)
     images: List[torch.Tensor | None]
     try:
         if not all(_is_jpeg(p) for p in payloads):
             raise RuntimeError("not all JPEG")
-        images = list(decode_jpeg(payloads, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:  # a PNG or a damaged payload in the batch: one by one
-        images = [_one(p, device) for p in payloads]
+        images = list(c.jpegs(payloads, device))
+    except (RuntimeError, ValueError):  # a PNG or a damaged payload in the batch: one by one
+        images = [_one(c, p, device) for p in payloads]
     bad = [i for i, img in enumerate(images) if img is None]
     good = [img if img.shape[1:] == size else _resize(img, size) for img in images if img is not None]
     if not good:

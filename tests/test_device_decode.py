@@ -1,26 +1,59 @@
 """Decoding on the training device: the same pixels as the workers' OpenCV decode, bad ones reported."""
 
+import importlib.util
+
 import cv2
 import numpy as np
+import pytest
 import torch
 
+from data import device_decode
 from data.device_decode import decode_batch
 from tests.test_trainer import _trainer
+
+# every codec this machine has (torchcodec is in requirements.txt; torchvision is the fallback)
+CODECS = [n for n, module in (("torchcodec", "torchcodec"), ("torchvision", "torchvision"))
+          if importlib.util.find_spec(module) is not None]
 
 
 def _encoded(ext, img):
     return torch.from_numpy(cv2.imencode(ext, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].copy())
 
 
-def test_jpeg_png_and_a_damaged_payload():
+@pytest.mark.parametrize("codec_name", CODECS)
+def test_jpeg_png_and_a_damaged_payload(codec_name):
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(2))
     jpeg, png = _encoded(".jpg", a), _encoded(".png", b)
-    images, bad = decode_batch([jpeg, torch.tensor([255, 216, 1, 2], dtype=torch.uint8), png], torch.device("cpu"))
+    images, bad = decode_batch([jpeg, torch.tensor([255, 216, 1, 2], dtype=torch.uint8), png], torch.device("cpu"),
+                               codec_name=codec_name)
     assert bad == [1] and images.shape == (2, 3, 112, 112) and images.dtype == torch.uint8
     ref_jpeg = cv2.cvtColor(cv2.imdecode(jpeg.numpy(), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - ref_jpeg).max() <= 1
     np.testing.assert_array_equal(images[1].permute(1, 2, 0).numpy(), b)  # PNG is lossless
+
+
+@pytest.mark.parametrize("codec_name", CODECS)
+def test_a_batch_of_jpegs_gives_cv2s_pixels(codec_name):
+    """Same bytes in, same pixels out: a whole-JPEG batch against cv2's decode (libjpeg-turbo both)."""
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 256, (112, 112, 3), dtype=np.uint8) for _ in range(4)]
+    payloads = [_encoded(".jpg", im) for im in imgs]
+    images, bad = decode_batch(payloads, torch.device("cpu"), codec_name=codec_name)
+    assert not bad
+    for got, p in zip(images, payloads):
+        ref = cv2.cvtColor(cv2.imdecode(p.numpy(), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        assert np.abs(got.permute(1, 2, 0).numpy().astype(int) - ref).max() <= 1
+
+
+def test_torchvision_is_the_fallback_when_torchcodec_is_missing(monkeypatch):
+    def missing():
+        raise ImportError("No module named 'torchcodec'")
+
+    monkeypatch.setattr(device_decode, "CODECS", {"torchcodec": missing, **{
+        k: v for k, v in device_decode.CODECS.items() if k != "torchcodec"}})
+    monkeypatch.setattr(device_decode, "_CHOSEN", {})
+    assert device_decode.codec().name == "torchvision"
 
 
 def test_other_sizes_are_resized():
