@@ -266,15 +266,49 @@ def loader(run: Run, check: Check) -> Dict[str, Any]:
                          "gpu_util_mean": statistics.fmean(util) if util else None, "util_samples": len(util)}
     cpu, dev = numbers["cpu_workers"], numbers["decode_on_device"]
     numbers["device_over_workers"] = dev["img_per_s"] / cpu["img_per_s"] if cpu["img_per_s"] else None
+    numbers["codecs_img_per_s"] = codec_rates(run, check)
+    codecs = ", ".join(f"{k} {v:.0f}" for k, v in numbers["codecs_img_per_s"].items() if v)
     if cpu["gpu_util_mean"] is None:
         verdict = (f"workers {cpu['img_per_s']:.0f} img/s, on device {dev['img_per_s']:.0f} img/s; "
-                   f"no GPU utilisation (no nvidia-smi / CPU run)")
+                   f"no GPU utilisation (no nvidia-smi / CPU run); decode_batch img/s: {codecs}")
     else:
         bound = cpu["gpu_util_mean"] < 80
         verdict = (f"workers {cpu['img_per_s']:.0f} img/s at {cpu['gpu_util_mean']:.0f}% GPU, on device "
                    f"{dev['img_per_s']:.0f} img/s at {dev['gpu_util_mean']:.0f}% GPU: the CPU loader "
-                   + ("IS the bottleneck" if bound else "is not the bottleneck"))
+                   + ("IS the bottleneck" if bound else "is not the bottleneck") + f"; decode_batch img/s: {codecs}")
     return {"ran": ran, "numbers": numbers, "ok": bool(cpu["img_per_s"] and dev["img_per_s"]), "verdict": verdict}
+
+
+def codec_rates(run: Run, check: Check, images: int = 1024, batch: int = 256) -> Dict[str, float | None]:
+    """img/s of data.device_decode.decode_batch through each codec this machine has (TorchCodec,
+    torchvision), on the run's device, over the pack's first ``images`` JPEGs in batches of ``batch``
+    (best of two passes); None for a codec that does not import."""
+    import torch
+
+    from data import device_decode
+    from data.dataset import build_dataset
+
+    ds = build_dataset(run.pack, decode=False)
+    payloads = [ds[i][0] for i in range(min(images, len(ds)))]
+    device = torch.device(run.sizes.device)
+    rates: Dict[str, float | None] = {}
+    for name in device_decode.CODECS:
+        check.left()
+        try:
+            device_decode.codec(name)
+        except ImportError:
+            rates[name] = None
+            continue
+        best = 0.0
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for k in range(0, len(payloads), batch):
+                device_decode.decode_batch(payloads[k:k + batch], device, codec_name=name)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, len(payloads) / (time.perf_counter() - t0))
+        rates[name] = best
+    return rates
 
 
 # ------------------------------------------------------------------ 3. Partial FC at 1M classes under torchrun
