@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.ijb import IJBFaces
 from data.imageformat import oversize
-from detection.align import similarity_transform, template
+from detection.align import align_face
 from evaluation.cache import default_cache_dir
 from utils.errors import UserError
 from utils.files import max_image_bytes, read_regular
@@ -70,12 +70,10 @@ def align_one(path: str, landmarks: np.ndarray, size: tuple[int, int] = SIZE) ->
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # as cv2.imread: BGR, 3 channels, EXIF orientation applied
     if img is None:
         return None
-    try:
-        m = similarity_transform(landmarks, template(size))
+    try:  # the one alignment prepare_data.py align and infer.py use: Umeyama, bilinear, border 0
+        warped = align_face(img, landmarks, size)
     except ValueError:  # all points equal, or not finite
         return None
-    warped = cv2.warpAffine(img, m, (size[1], size[0]), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return cv2.cvtColor(warped, cv2.COLOR_BGR2RGB)
 
 
