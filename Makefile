@@ -7,7 +7,7 @@ DATA   ?= datasets/synth
 RUN    ?= runs/demo
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test lint bench gpu-check clean
+.PHONY: venv demo test lint bench gpu-check device-wheels clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +51,24 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_ijb_pipeline.py
 
 # The GPU proof (at most 8 minutes on one H100/H200): six checks, results in benchmarks/results/gpu_check.json/.md.
-# Without CUDA it says so and exits; `$(PY) benchmarks/gpu_check.py --dry-run` rehearses it on the CPU.
-gpu-check: $(STAMP)
-	$(PY) benchmarks/gpu_check.py
+# Needs no venv: it runs with .venv's Python if there is one, else python3 (a GPU image's own torch), after
+# installing any wheels carried in .whl/. Without CUDA it says so and exits; `--dry-run` rehearses it on the CPU.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+# The wheels a lent GPU machine without a network lacks, built or fetched here into .whl/ (git-ignored) to carry
+# along: its image has torch 2.11, torchvision, OpenCV, scikit-learn, ... but not efficientnet-pytorch (source-only
+# package: a wheel is built) nor TorchCodec (fetched for its Python, DEVICE_PYTHON; torchcodec >= 0.12 runs on any
+# torch >= 2.11, and its Linux x86-64 wheel carries nvJPEG).
+DEVICE_PYTHON ?= 3.12
+device-wheels: $(STAMP)
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w .whl \
+		"efficientnet-pytorch==$$($(PY) -c 'import importlib.metadata as m; print(m.version("efficientnet-pytorch"))')"
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \
+		--python-version $(DEVICE_PYTHON) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		"torchcodec==$$($(PY) -c 'import importlib.metadata as m; print(m.version("torchcodec").split("+")[0])')"
+	@ls -l .whl/*.whl
 
 clean:
 	rm -rf $(RUN) $(DATA) .pytest_cache
