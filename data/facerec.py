@@ -6,7 +6,9 @@ Two layouts exist (shared/reference/FORMATS.md):
   empty payload); records ``1 .. first_identity_record-1`` are images; records
   ``first_identity_record .. end-1`` are identity records, one per class in class order,
   whose label is that class's image key range ``[first, end)``. Labels come from these
-  ~C small records instead of reading every image header.
+  ~C small records instead of reading every image header; a sample of image headers is
+  checked against them, and where they disagree the image headers win (each image's own
+  label is what insightface and arcface_torch train on).
 - plain im2rec: every key is an image; labels come from each image's IRHeader.
 
 Labels are stored as float32 in the files, which holds integers exactly only up to 2**24;
@@ -32,6 +34,8 @@ _FLOAT32_EXACT = 1 << 24  # largest integer range float32 labels hold exactly
 _PROGRESS_MIN = 10000  # show a progress bar when reading at least this many image headers
 _PROPERTY_MAX_BYTES = 4096  # a property file is one short line
 _MAX_SIDE = 1 << 16  # pixels: image height/width a property file may declare
+_INT64_SAFE = float(1 << 62)  # a float32 label at or above this (1e38) is no class id and would overflow int64
+_LABEL_SAMPLE = 64  # image headers checked against the identity records when a pack is opened
 
 
 def read_property(path: str | os.PathLike, records: int | None = None) -> tuple[int, tuple[int, int]]:
@@ -59,6 +63,19 @@ def read_property(path: str | os.PathLike, records: int | None = None) -> tuple[
 
 def _integral(values: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(values)) and np.all(values == np.round(values)))
+
+
+def _image_label(head: bytes) -> float | None:
+    """The class value of an image record's IRHeader (the label, or the first of a label array);
+    None when ``head`` is too short to hold it."""
+    if len(head) < IR_SIZE:
+        return None
+    flag, value = struct.unpack_from("<If", head)
+    if flag > 0:
+        if len(head) < IR_SIZE + 4:
+            return None
+        (value,) = struct.unpack_from("<f", head, IR_SIZE)
+    return value
 
 
 def header_range(record: bytes) -> tuple[int, int] | None:
@@ -122,6 +139,9 @@ class FaceRec:
         else:
             self.labels = self._labels_from_identities(first_id, end)
             self.num_classes = end - first_id
+            if self._identities_disagree():  # the image headers are what insightface/arcface_torch train on
+                self.labels = self._labels_from_images(self.image_keys)
+                self.num_classes = self._classes_from_labels(prop)
 
     def _classes_from_labels(self, prop: tuple[int, tuple[int, int]] | None) -> int:
         """max label + 1, or the ``property`` count when larger (classes with no images at the end)."""
@@ -191,6 +211,16 @@ class FaceRec:
                                 f"but images run to record {first_id - 1}")
         return np.repeat(np.arange(len(counts), dtype=np.int64), counts)
 
+    def _identities_disagree(self) -> bool:
+        """True when a sample of image headers (_LABEL_SAMPLE, evenly spread) contradicts the classes
+        the identity records give: such a pack's labels must come from its image headers."""
+        picks = np.unique(np.linspace(0, len(self.image_keys) - 1, _LABEL_SAMPLE).astype(np.int64))
+        for i in picks.tolist():
+            value = _image_label(self.reader.read_prefix(int(self.image_keys[i]), IR_SIZE + 4))
+            if value is not None and value != self.labels[i]:
+                return True
+        return False
+
     def _labels_from_images(self, keys: np.ndarray) -> np.ndarray:
         """Class id per image from its IRHeader (first label value); reads 28 bytes per record."""
         labels = np.empty(len(keys), dtype=np.int64)
@@ -209,7 +239,7 @@ class FaceRec:
                 if len(head) < IR_SIZE + 4:
                     raise RecordIOError(f"{self.rec_path} record {key}: IRHeader flag {flag} but no label values")
                 (value,) = struct.unpack_from("<f", head, IR_SIZE)
-            if not value.is_integer() or value < 0:
+            if not value.is_integer() or not 0 <= value < _INT64_SAFE:
                 raise RecordIOError(f"{self.rec_path} record {key}: label {value} is not a class id")
             labels[i] = int(value)
             bar.update()
@@ -224,12 +254,18 @@ class FaceRec:
         if not 0 <= i < len(self.image_keys):
             raise IndexError(f"image {i} out of range for {self.rec_path} ({len(self.image_keys)} images)")
         key = int(self.image_keys[i])
+        data = self.reader.read(key)
         try:
-            _, payload = unpack_irheader(self.reader.read(key))
+            _, payload = unpack_irheader(data)
         except RecordIOError as exc:
             if str(exc).startswith(self.rec_path):
                 raise
             raise RecordIOError(f"{self.rec_path} record {key}: {exc}") from None
+        value = _image_label(data)
+        if value != self.labels[i]:  # only where the sample checked at open missed a disagreement
+            raise RecordIOError(f"{self.rec_path} record {key}: image header label {value} but the identity "
+                                f"records put it in class {int(self.labels[i])}; the pack contradicts itself "
+                                "(prepare_data.py inspect --full lists every such record)")
         return payload, int(self.labels[i])
 
 

@@ -55,19 +55,54 @@ def _parse_idx_block(path: str, block: bytes, first_line: int) -> tuple[np.ndarr
     return values[0::2].copy(), values[1::2].copy()
 
 
+def _parse_idx_lines(path: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The tolerant, line-by-line parse: each line stripped, blank lines skipped, as mxnet's
+    ``line.strip().split('\t')`` and other readers do (hand-edited or concatenated indexes)."""
+    keys, offsets = array("q"), array("q")
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = line.split(b"\t")
+        if len(fields) == 2 and all(f.isdigit() and len(f) <= 18 for f in fields):  # 18 digits: no int64 overflow
+            keys.append(int(fields[0]))
+            offsets.append(int(fields[1]))
+            continue
+        bad = next((f for f in fields if not f.isdigit()), None)
+        if len(fields) != 2:
+            what = "missing tab" if len(fields) == 1 else "extra tab"
+        elif bad == b"":
+            what = "empty field"
+        elif bad is not None:
+            what = f"unexpected byte {next(bytes([c]) for c in bad if not 48 <= c <= 57)!r}"
+        else:
+            what = "number longer than 18 digits"
+        raise RecordIOError(f"{path} line {n}: {what} in {raw[:60]!r} (expected 'key<TAB>offset')")
+    return np.frombuffer(keys, dtype=np.int64).copy(), np.frombuffer(offsets, dtype=np.int64).copy()
+
+
 def read_idx(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Keys and byte offsets (int64 arrays, file order) of a ``key<TAB>offset`` .idx file.
 
     Parsed with numpy on whole blocks of text, so a 10M-line index loads in seconds without
-    a Python object per line. Windows line ends are accepted; anything else malformed raises
-    RecordIOError naming the file and line number (1-based).
+    a Python object per line. Windows (CRLF) and old Mac (CR) line ends are accepted; a file
+    that the fast parse refuses is parsed again line by line with blank lines and whitespace
+    around a line ignored (as mxnet reads it); anything else malformed raises RecordIOError
+    naming the file and line number (1-based).
     """
     path = os.fspath(idx_path)
     data = read_regular(path, ".idx file")  # a FIFO or a device is refused, never read forever
     if b"\r" in data:
-        data = data.replace(b"\r\n", b"\n")
-    if data and not data.endswith(b"\n"):
-        data += b"\n"
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    data = data.rstrip(b"\n") + b"\n" if data.strip() else b""  # trailing blank lines: the fast parse still applies
+    try:
+        return _parse_idx_blocks(path, data)
+    except RecordIOError:
+        return _parse_idx_lines(path, data)
+
+
+def _parse_idx_blocks(path: str, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The fast parse of canonical ``key\toffset\n`` text, block by block."""
     keys, offsets = [], []
     line, start = 1, 0
     while start < len(data):
