@@ -18,9 +18,16 @@ mean face feature, TAR at FAR 1e-6..1e-1; 1:N adds rank-1/5/10 over both galleri
 TPIR@FPIR 0.01/0.1 per gallery (NIST open set). Aligned crops are cached on disk (keyed by the
 meta files' sha256; about 38 kB per face: 18 GB for IJB-C) so a second checkpoint skips decoding.
 
-The report (eval.json with "schema": "facetrain-eval/1", eval.md, roc_<checkpoint>.png) goes to
---report DIR, by default the first checkpoint's folder; an eval.json there that this script did
-not write (a training record, another tool's file) is refused, never overwritten.
+The report (eval.json with "schema": "facetrain-eval/1", eval.md, roc_<checkpoint>.png and
+roc_ijb_<checkpoint>_<IJBX>.png) goes to --report DIR, by default the first checkpoint's folder;
+an eval.json there that this script did not write (a training record, another tool's file) is
+refused, never overwritten. One it wrote is merged with, so an --ijb run after a --data run keeps
+the .bin results (and the thresholds infer.py reads): a checkpoint is its sha256 (a copy is the
+same one, a file changed in place is not); each result this run computes (per .bin set, per IJB
+set) replaces that checkpoint's old one, its other results stay; checkpoints not evaluated now stay;
+a row whose file now holds other weights is dropped. Results of other settings are not mixed: a
+run that would put its numbers beside kept ones of another --tta, another .bin file under the same
+set name, or other IJB options / meta files is refused before any model runs (use another --report).
 """
 
 from __future__ import annotations
@@ -43,11 +50,15 @@ from evaluation.cache import default_cache_dir
 from evaluation.embed import TTA_MODES
 from evaluation.ijb import IJBData, IJBOptions, IJBResult, evaluate_ijb, load_ijb
 from evaluation.report import (
+    REPORT_FILE,
     check_report_dir,
     checkpoint_row,
     console_text,
+    read_report,
     write_report,
 )
+from evaluation.report_merge import Scope
+from evaluation.report_merge import check as check_merge
 from evaluation.targets import Target, TargetSet, evaluate_targets, load_targets, mean_accuracy
 from utils.atomic import write_atomic
 from utils.errors import fail, user_errors
@@ -101,7 +112,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="channel order the weights were trained on (default: from the checkpoint, else rgb)")
     p.add_argument("--report", default="", metavar="DIR",
                    help="where eval.json, eval.md and roc_*.png are written (default: the first checkpoint's folder); "
-                        "an eval.json there that evaluate.py did not write is refused, not overwritten")
+                        "an evaluate.py eval.json there is merged with (same sha256 = same checkpoint: what this run "
+                        "scores replaces, the rest is kept; other --tta / .bin files / IJB options beside kept "
+                        "results are refused); one evaluate.py did not write is refused, not overwritten")
     p.add_argument("--save-embeddings", default="", metavar="DIR",
                    help="write <target>.npy (normalised float64 embeddings) and <target>_issame.npy here; for IJB "
                         "<IJBX>_faces.npy (float32 flip-combined raw features in 5pts-line order, before the "
@@ -194,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
         if not targets.targets:
             raise FileNotFoundError(f"{args.data}: none of the requested verification targets (.bin) found")
     target_names = [t.name for t in targets.targets]
+    shas = {os.path.abspath(p): sha256_file(p) for p in paths}
+    # results of other settings that the report folder would keep beside ours: refused before any model runs
+    scope = Scope(shas, args.tta, {t.name: t.sha256 for t in targets.targets},
+                  {d.target: {"options": ijb_options(args).to_dict(), "meta_sha256": d.faces.key} for d in ijb_sets})
+    check_merge(read_report(report_dir), scope, os.path.join(report_dir, REPORT_FILE))
     rows: List[Dict[str, Any]] = []
     curves: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for i, path in enumerate(paths):
@@ -203,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         results = evaluate_targets(lm.model, targets.targets, batch_size=args.batch_size, device=device,
                                    tta=args.tta, amp=args.amp, progress=not args.no_progress,
                                    embeddings_out=embeddings if args.save_embeddings else None)
-        row = checkpoint_row(lm.label, path, sha256_file(path), lm.backbone, lm.channel_order,
+        row = checkpoint_row(lm.label, path, shas[os.path.abspath(path)], lm.backbone, lm.channel_order,
                              mean_accuracy(results) if results else None, results)
         ijb_results = run_ijb(lm.model, ijb_sets, args, device)
         row["ijb"] = {name: r.summary for name, r in ijb_results.items()}
@@ -218,8 +236,10 @@ def run(args: argparse.Namespace) -> int:
     print(console_text(rows, target_names, targets.missing, args.data, args.tta))
     data_sets = {t.name: {"path": os.path.abspath(t.path), "sha256": t.sha256, "pairs": int(len(t.issame))}
                  for t in targets.targets}
-    path = write_report(report_dir, rows, data_sets, targets.missing, args.data, args.tta, ijb_curves=curves)
-    print(f"report: {path}, eval.md, roc_*.png")
+    written = write_report(report_dir, rows, data_sets, targets.missing, args.data, args.tta, ijb_curves=curves)
+    for note in written.notes:
+        print(note)
+    print(f"report: {written.path}, eval.md, roc_*.png")
     return 0
 
 
@@ -237,13 +257,18 @@ def load_ijb_sets(args: argparse.Namespace) -> List[IJBData]:
 
 def run_ijb(model: nn.Module, sets: Sequence[IJBData], args: argparse.Namespace, device: str) -> Dict[str, IJBResult]:
     """Score one model on every IJB release with the options the flags chose."""
-    options = IJBOptions(tta=args.tta, detector_score=not args.ijb_no_detector_score,
-                         norm_score=not args.ijb_no_norm_score)
+    options = ijb_options(args)
     cache = None if args.no_cache else (default_cache_dir() if args.cache_dir == "default" else args.cache_dir)
     return {data.target: evaluate_ijb(model, data, options, batch_size=args.batch_size, device=device,
                                       amp=args.amp, cache_dir=cache, workers=args.workers,
                                       progress=not args.no_progress)
             for data in sets}
+
+
+def ijb_options(args: argparse.Namespace) -> IJBOptions:
+    """The IJB protocol switches the flags chose (also what eval.json records per IJB result)."""
+    return IJBOptions(tta=args.tta, detector_score=not args.ijb_no_detector_score,
+                      norm_score=not args.ijb_no_norm_score)
 
 
 def _stderr(message: str) -> None:

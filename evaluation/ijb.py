@@ -6,7 +6,8 @@ closed-set ranks) with NIST's open-set TPIR@FPIR per gallery added:
 1. each loose crop is aligned with its 5 points onto the ArcFace template (evaluation.ijb_faces);
 2. face feature = e(x) + e(flip x), un-normalised (``tta``: sum; ``none``: e(x); ``concat``);
 3. optionally L2-normalised (``norm_score`` off) and multiplied by the faceness score
-   (``detector_score`` on) -- both defaults are the reference's TestMode N1 D1 F2;
+   (``detector_score`` on) -- both defaults are the reference's TestMode N1 D1 F2 -- chunk by
+   chunk inside the template aggregation (no float64 copy of all N x D features);
 4. template feature = sum over its media of the mean feature of the media's faces, normalised;
 5. 1:1 score = dot product of the two template features; TAR at each FAR read off sklearn's ROC
    at the nearest FPR (highest TPR on ties); 1:N: rank-k over G1+G2 and TPIR@FPIR per gallery.
@@ -32,7 +33,6 @@ from evaluation.ijb_protocol import (
     FARS,
     FPIRS,
     RANKS,
-    face_features,
     identification,
     pair_scores,
     tar_at_far,
@@ -184,9 +184,10 @@ def _plain(v: Any) -> Any:
 def score_features(raw: np.ndarray, ok: np.ndarray, data: IJBData, options: IJBOptions) -> IJBResult:
     """Everything after the network: weighting, templates, 1:1 and 1:N numbers (float64 throughout)."""
     faces = data.faces
-    feats = face_features(raw, faces.faceness, detector_score=options.detector_score,
-                          norm_score=options.norm_score)
-    template_ids, template_feats = template_features(feats, faces.templates, faces.medias)
+    # raw float32 in, weighted chunk by chunk: no float64 N x D copy of the features
+    template_ids, template_feats = template_features(
+        raw, faces.templates, faces.medias, faceness=faces.faceness if options.detector_score else None,
+        norm_score=options.norm_score)
     summary: Dict[str, Any] = {
         "target": data.target, "path": data.layout.root, "faces": int(len(raw)),
         "unreadable_faces": int((~ok).sum()), "templates": int(len(template_ids)), "modes": list(data.modes),

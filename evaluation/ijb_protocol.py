@@ -55,14 +55,15 @@ class UnknownTemplateError(IJBProtocolError):
         super().__init__(f"template {self.template} ({where}, 0-based) has no face in the face list")
 
 
-def face_features(raw: np.ndarray, faceness: np.ndarray, detector_score: bool = True,
+def face_features(raw: np.ndarray, faceness: np.ndarray | None, detector_score: bool = True,
                   norm_score: bool = True) -> np.ndarray:
     """(N, D) float64 face features from flip-summed raw embeddings, in the reference's order.
 
     ``norm_score=False`` divides each row by its L2 norm (a zero row, e.g. an unreadable image,
     stays zero); ``detector_score=True`` then multiplies row i by ``faceness[i]`` (the detector's
     0..1 score from the 5pts file). With both defaults the feature keeps its norm, which weighs
-    sharp, confident faces more in the template mean.
+    sharp, confident faces more in the template mean. Every step is per row, so a block of rows
+    gives the same numbers as the whole array (template_features applies it chunk by chunk).
     """
     feats = np.array(raw, dtype=np.float64)  # a copy: the caller's array is never changed
     if feats.ndim != 2:
@@ -100,7 +101,8 @@ def _normalise_rows(x: np.ndarray) -> np.ndarray:
 
 
 def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarray,
-                      chunk: int = _AGGREGATE_ROWS) -> Tuple[np.ndarray, np.ndarray]:
+                      chunk: int = _AGGREGATE_ROWS, faceness: np.ndarray | None = None,
+                      norm_score: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """(sorted unique template ids (T,) int64, (T, D) float64 L2-normalised template features).
 
     Row i of ``feats`` is the face on line i of the face/template/media list. Each face gets the
@@ -108,6 +110,11 @@ def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarr
     order (the order of the reference's ``np.where``; 10x faster than ``np.add.reduceat`` over
     axis 0), ``chunk`` faces at a time converted to float64, so only ~chunk x D extra memory is
     used whatever the number of faces; the media means are summed per template the same way.
+
+    ``feats`` are face features as they are summed. Pass the raw flip-combined features with
+    ``faceness`` (detector score on) and/or ``norm_score=False`` instead, and each chunk is made
+    into face features on the way (``face_features`` row by row, the same numbers): IJB-C's raw
+    float32 features never get a float64 N x D copy (1.9 GB at 469k x 512).
     """
     feats = np.asarray(feats)
     templates = np.asarray(templates).astype(np.int64).reshape(-1)
@@ -115,6 +122,10 @@ def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarr
     n = feats.shape[0]
     if feats.ndim != 2 or templates.shape[0] != n or medias.shape[0] != n:
         raise ValueError(f"features {feats.shape}, {templates.shape[0]} template ids, {medias.shape[0]} media ids")
+    if faceness is not None:
+        faceness = np.asarray(faceness, dtype=np.float64).reshape(-1)
+        if faceness.shape[0] != n:
+            raise ValueError(f"{faceness.shape[0]} faceness scores for {n} faces")
     if n == 0:
         return np.zeros(0, np.int64), np.zeros((0, feats.shape[1]), np.float64)
     order = np.lexsort((medias, templates))
@@ -124,7 +135,8 @@ def template_features(feats: np.ndarray, templates: np.ndarray, medias: np.ndarr
     media_sums = torch.zeros((starts.shape[0], feats.shape[1]), dtype=torch.float64)
     step = max(1, int(chunk))
     for r0 in range(0, n, step):
-        block = np.ascontiguousarray(feats[r0:r0 + step], dtype=np.float64)
+        block = face_features(feats[r0:r0 + step], None if faceness is None else faceness[r0:r0 + step],
+                              detector_score=faceness is not None, norm_score=norm_score)
         media_sums.index_add_(0, torch.from_numpy(run_of_face[r0:r0 + step]), torch.from_numpy(block))
     counts = np.diff(np.append(starts, n))
     media_means = media_sums.numpy() / counts[:, None]

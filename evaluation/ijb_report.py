@@ -142,17 +142,21 @@ def markdown(rows: List[Dict[str, Any]]) -> List[str]:
     return lines + [HOW_TO_READ, "", f"Protocol: {PROTOCOL}", ""]
 
 
+def figure_name(stem: str, target: str) -> str:
+    """roc_ijb_<checkpoint>_<set>.png: one figure per result, so a report merged over runs keeps each one's."""
+    return f"roc_ijb_{stem}_{target}.png"
+
+
 def plot_rocs(report_dir: str, row: Dict[str, Any], curves: Mapping[str, Dict[str, Any]]) -> List[str]:
-    """roc_ijb_<checkpoint>.png (TAR against log FAR from 1e-6, one curve per set); the paths written."""
-    if not curves:
-        return []
-    name = os.path.splitext(os.path.basename(row["path"]))[0]
-    labelled = {}
+    """roc_ijb_<checkpoint>_<set>.png (TAR against log FAR from 1e-6) per set with a curve; the paths written."""
+    stem = os.path.splitext(os.path.basename(row["path"]))[0]
+    paths = []
     for target, c in curves.items():
         v = row["ijb"][target]["verification"]
         tar = v["tar_at_far"].get("0.0001")
-        labelled[target] = {"fpr": c["fpr"], "tpr": c["tpr"], "min_far": 1.0 / max(1, v["impostor"]),
-                            "label": f"{target} (TAR@FAR=1e-4 {_pct(tar)}%)"}
-    path = os.path.join(report_dir, f"roc_ijb_{name}.png")
-    plot_far_roc(labelled, path, title=f"IJB 1:1 ROC: {row['label']}")
-    return [path]
+        curve = {"fpr": c["fpr"], "tpr": c["tpr"], "min_far": 1.0 / max(1, v["impostor"]),
+                 "label": f"{target} (TAR@FAR=1e-4 {_pct(tar)}%)"}
+        path = os.path.join(report_dir, figure_name(stem, target))
+        plot_far_roc({target: curve}, path, title=f"IJB {target} 1:1 ROC: {row['label']}")
+        paths.append(path)
+    return paths

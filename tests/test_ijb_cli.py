@@ -123,7 +123,7 @@ def test_report_files(evaluated):
     report = evaluated["report"]
     md = open(os.path.join(report, "eval.md")).read()
     assert "IJB-B / IJB-C" in md and "TAR (%) at FAR" in md and "rank-1" in md and "TPIR@FPIR=0.01" in md
-    assert os.path.getsize(os.path.join(report, "roc_ijb_backbone.png")) > 5000
+    assert os.path.getsize(os.path.join(report, "roc_ijb_backbone_IJBC.png")) > 5000
     assert evaluated["json"]["ijb_protocol"].startswith("IJB (insightface")
     assert evaluated["json"]["checkpoints"][0]["results"] == {}  # no .bin sets asked for
     opts = evaluated["json"]["checkpoints"][0]["ijb"]["IJBC"]["options"]

@@ -82,6 +82,31 @@ def test_template_features_equal_the_per_template_loops():
         np.testing.assert_allclose(tf, np.stack([want[t] for t in ids]), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("detector_score,norm_score", [(True, True), (True, False), (False, False), (False, True)])
+def test_weighting_inside_the_chunks_equals_the_per_face_loop(detector_score, norm_score):
+    """Raw float32 features weighted chunk by chunk (no N x D float64 copy) = weighting each face first."""
+    rng = np.random.default_rng(2)
+    raw, templates, medias = random_faces(rng)
+    faceness = rng.uniform(0.1, 1, len(raw))
+    before = raw.copy()
+    weighted = []
+    for i in range(len(raw)):  # the protocol per face, in float64: normalise (N0), times faceness (D1)
+        f = raw[i].astype(np.float64)
+        norm = math.sqrt(sum(v * v for v in f))
+        if not norm_score:
+            f = f / norm if norm > 0 else f
+        weighted.append(f * faceness[i] if detector_score else f)
+    want = brute_templates(np.array(weighted), templates, medias)
+    eager = template_features(face_features(raw, faceness, detector_score, norm_score), templates, medias)
+    for chunk in (1, 7, len(raw)):
+        ids, tf = template_features(raw, templates, medias, chunk=chunk,
+                                    faceness=faceness if detector_score else None, norm_score=norm_score)
+        assert list(ids) == sorted(want) and list(ids) == list(eager[0])
+        np.testing.assert_allclose(tf, np.stack([want[t] for t in ids]), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(tf, eager[1], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(raw, before)  # the caller's array untouched
+
+
 def test_zero_template_stays_zero():
     feats = np.array([[0.0, 0.0], [1.0, 1.0]])
     ids, tf = template_features(feats, np.array([9, 4]), np.array([1, 2]))
