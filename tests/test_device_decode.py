@@ -113,3 +113,26 @@ def test_no_codec_for_the_device_is_one_line_naming_each(monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg and "first: RuntimeError: CUDA error: no CUDA-capable device is detected" in msg
     assert isinstance(err.value, ImportError)  # callers that skip a missing codec skip this one too
+
+
+def test_encoded_batches_travel_as_one_block_and_keep_their_bytes(tiny_pack, monkeypatch):
+    """A worker hands the main process one flat tensor per batch (not a tensor per image), through
+    pinning too (CUDA runs pin the batch; Tensor.pin_memory stands in by a copy on this CPU machine)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from data.dataset import EncodedBatch, build_dataset, collate
+
+    ds = build_dataset(tiny_pack, decode=False)
+    order = [5, 0, 3]
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: t.clone())
+    batch, labels, bad = pin_memory(collate(ds.__getitems__(order)))
+    assert isinstance(batch, EncodedBatch) and batch.indices == order and not bad
+    assert batch.data.dim() == 1 and batch.data.dtype == torch.uint8
+    for i, p in zip(order, batch.payloads()):  # reference: the record's bytes read from the source itself
+        assert bytes(p.tolist()) == bytes(ds.sources[0].read(i))
+    assert labels.tolist() == [int(ds.labels[i]) for i in order]
+    loader = DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate)  # through a worker process
+    first = next(iter(loader))[0]
+    assert isinstance(first, EncodedBatch) and [bytes(p.tolist()) for p in first.payloads()] == [
+        bytes(ds.sources[0].read(i)) for i in range(4)]
