@@ -54,6 +54,7 @@ class Sizes:
     sigterm_steps: int = 300
     sigterm_batch: int = 64
     eval_batch: int = 256
+    eval_args: Sequence[str] = ("--amp",)  # evaluate.py on the device (against fp32 on the CPU)
     child_env: Dict[str, str] = field(default_factory=dict)
 
 
@@ -61,7 +62,7 @@ GPU = Sizes(device="cuda")
 DRY = Sizes(device="cpu", bench_backbones="mobilefacenet", bench_modes="eager,channels_last,amp", bench_batch=4,
             bench_steps=1, bench_warmup=1, pack=dict(identities=10, images_per_id=4, pairs=0.002, workers=1),
             loader_batch=8, loader_steps=4, loader_workers=1, log_every=1, pfc_classes=10_000, pfc_batch=4,
-            loader_args=(),  # bf16 autocast is several times slower than fp32 on this CPU; checks 4, 5 rehearse it
+            loader_args=(), eval_args=(),  # bf16 autocast is 10x slower than fp32 on CPUs without AVX512-BF16
             pfc_steps=2, fp16_args=("--amp",), fp16_steps=4, fp16_batch=8, sigterm_steps=40, sigterm_batch=4,
             eval_batch=16, child_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
 
@@ -508,7 +509,7 @@ def eval_amp(run: Run, check: Check) -> Dict[str, Any]:
         run_cmd(cmd, check, run)
         weights = os.path.join(run.work, "eval_model", "backbone.pt")
     reports, emb = {}, {}
-    for name, extra in (("device_amp", ["--device", s.device, "--amp"]), ("cpu_fp32", ["--device", "cpu"])):
+    for name, extra in (("device_amp", ["--device", s.device, *s.eval_args]), ("cpu_fp32", ["--device", "cpu"])):
         rep = os.path.join(run.work, f"eval_{name}")
         emb[name] = os.path.join(run.work, f"emb_{name}")
         cmd = [PY, os.path.join(ROOT, "evaluate.py"), weights, "--data", run.pack, "--report", rep, "--batch-size",
