@@ -14,6 +14,10 @@ Two variants per size:
 Swish is plain ``x * sigmoid(x)`` by default (exportable, torch.compile friendly); call
 ``set_swish(memory_efficient=True)`` to trade that for the package's activation-memory-saving
 autograd Function when training big variants eagerly.
+
+The package is imported when an EfficientNet is built, not when this module is: every other
+backbone (and train.py, evaluate.py) works on a machine without it (a GPU box whose image
+lacks it; it ships no wheel to carry there).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from efficientnet_pytorch import EfficientNet
 from torch import nn
 
 from .base import FaceBackbone, check_head_args, fp32, register_backbone
@@ -29,10 +32,17 @@ from .base import FaceBackbone, check_head_args, fp32, register_backbone
 _TRUNK = ("_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_swish")
 
 
+def _stock(name: str, **kwargs: Any) -> Any:
+    """``efficientnet_pytorch.EfficientNet.from_name(name, **kwargs)`` (imported here, see the module docstring)."""
+    from efficientnet_pytorch import EfficientNet
+
+    return EfficientNet.from_name(name, **kwargs)
+
+
 class _EfficientNetBase(FaceBackbone):
     """Adopts the stock model's modules as direct children (stock key names, no wrapper prefix)."""
 
-    def __init__(self, net: EfficientNet, embedding_size: int, channel_order: str):
+    def __init__(self, net: nn.Module, embedding_size: int, channel_order: str):
         super().__init__(embedding_size, channel_order)
         self._global_params = net._global_params
         for name in _TRUNK:
@@ -64,8 +74,8 @@ class EfficientNetFace(_EfficientNetBase):
         check_head_args(embedding_size, dropout)  # before the package builds anything
         # image_size=224 makes the package compute the SAME paddings for the maps our stride-1
         # stem produces from a 112 input (112, 56, 28, 14, 7).
-        net = EfficientNet.from_name(f"efficientnet-b{variant}", image_size=224, include_top=False,
-                                     drop_connect_rate=drop_connect_rate)
+        net = _stock(f"efficientnet-b{variant}", image_size=224, include_top=False,
+                     drop_connect_rate=drop_connect_rate)
         super().__init__(net, embedding_size, channel_order)
         stem = net._conv_stem
         self._conv_stem = nn.Conv2d(stem.in_channels, stem.out_channels, 3, 1, 1, bias=False)
@@ -90,8 +100,7 @@ class EfficientNetPlain(_EfficientNetBase):
                  drop_connect_rate: float | None = None):
         check_head_args(embedding_size, dropout)  # before the package builds anything
         extra = {} if drop_connect_rate is None else {"drop_connect_rate": drop_connect_rate}
-        net = EfficientNet.from_name(f"efficientnet-b{variant}", num_classes=embedding_size, dropout_rate=dropout,
-                                     **extra)
+        net = _stock(f"efficientnet-b{variant}", num_classes=embedding_size, dropout_rate=dropout, **extra)
         super().__init__(net, embedding_size, channel_order)
         self._avg_pooling = net._avg_pooling
         self._dropout = net._dropout

@@ -15,8 +15,11 @@ For each backbone, in one run, side by side:
   ask for them with --modes).
 Images/s is measured after warm-up steps (compile's warm-up excluded and reported apart). On a
 GPU it also reports the share of the device's measured bf16 matmul peak the step reaches, from
-the model's multiply-accumulates (training ~ 3 x forward, 2 FLOPs per MAC). Prints a table on
-stderr and one JSON line on stdout.
+the model's multiply-accumulates (training ~ 3 x forward, 2 FLOPs per MAC), and each mode's peak
+device memory. Prints a table on stderr and, on stdout, the JSON object so far after every mode
+(the last line is the whole result), so a run stopped at a deadline (a slow cold compile) keeps
+the modes it finished; a mode that raises (a compile failure, out of memory) is recorded as
+{"error": one line} and the next one runs.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,17 +114,34 @@ def ours(name: str, mode: str, args, device: torch.device, images: torch.Tensor,
 
 
 def matmul_peak_tflops(device: torch.device) -> float | None:
-    """Measured dense bf16 matmul throughput of the device (TFLOP/s), GPU only."""
+    """Measured dense bf16 matmul throughput of the device (TFLOP/s), GPU only (after enough
+    untimed products, about 15 ms on an H100, for the clocks to leave idle)."""
     if device.type != "cuda":
         return None
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    reps = 20
+    _timed(lambda: a @ b, 10, device)
+    reps = 30
     seconds = _timed(lambda: a @ b, reps, device)
     return 2 * n ** 3 * reps / seconds / 1e12
+
+
+def measured(fn: Callable[[], dict], device: torch.device) -> dict:
+    """``fn()``'s result with the mode's peak device memory (GB, CUDA), or {"error": one line} if it raised."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        row = fn()
+    except Exception as exc:  # a failed compile or an OOM is this mode's result; the next mode still runs
+        lines = str(exc).strip().splitlines()
+        return {"error": f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if device.type == "cuda":
+        row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return row
 
 
 def main(argv=None) -> dict:
@@ -139,6 +160,9 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     args.modes = args.modes or ",".join(m for m in MODES if device.type == "cuda" or "amp" not in m)
+    unknown = [m for m in args.modes.split(",") if m not in MODES]
+    if unknown:
+        parser.error(f"--modes {','.join(unknown)}: not one of {', '.join(MODES)}")
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.batch_size, 3, 112, 112), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, args.classes, (args.batch_size,), generator=g)
@@ -150,18 +174,28 @@ def main(argv=None) -> dict:
                "bf16_matmul_peak_tflops": peak, "backbones": {}}
     for name in args.backbones.split(","):
         gmacs = profile(lambda n=name: backbones.build(n)).gmacs
-        row = {"gmacs": gmacs, "plain": plain_loop(name, args, device, images, labels)}
-        for mode in args.modes.split(","):
-            row[mode] = ours(name, mode, args, device, images, labels)
-            row[mode]["vs_plain"] = row[mode]["img_per_s"] / row["plain"]["img_per_s"]
-            if peak:
-                row[mode]["share_of_peak"] = row[mode]["img_per_s"] * 6 * gmacs * 1e9 / (peak * 1e12)
+        row = {"gmacs": gmacs}
         results["backbones"][name] = row
-        cells = ", ".join(f"{m} {row[m]['img_per_s']:.1f} ({row[m]['vs_plain']:.2f}x)" for m in args.modes.split(","))
+        row["plain"] = measured(lambda n=name: plain_loop(n, args, device, images, labels), device)
+        print(json.dumps(results), flush=True)
+        for mode in args.modes.split(","):
+            row[mode] = measured(lambda n=name, m=mode: ours(n, m, args, device, images, labels), device)
+            if "img_per_s" in row[mode] and "img_per_s" in row["plain"]:
+                row[mode]["vs_plain"] = row[mode]["img_per_s"] / row["plain"]["img_per_s"]
+            if peak and "img_per_s" in row[mode]:
+                row[mode]["share_of_peak"] = row[mode]["img_per_s"] * 6 * gmacs * 1e9 / (peak * 1e12)
+            print(json.dumps(results), flush=True)
+        cells = ", ".join(f"{m} {_cell(row[m])}" for m in args.modes.split(","))
         print(f"{name} ({gmacs:.2f} GMACs) batch {args.batch_size} on {results['device']}: plain "
-              f"{row['plain']['img_per_s']:.1f} img/s; ours {cells}", file=sys.stderr)
-    print(json.dumps(results))
+              f"{_cell(row['plain'])}; ours {cells}", file=sys.stderr)
     return results
+
+
+def _cell(r: dict) -> str:
+    if "error" in r:
+        return f"failed ({r['error']})"
+    ratio = f" ({r['vs_plain']:.2f}x)" if "vs_plain" in r else ""
+    return f"{r['img_per_s']:.1f}{ratio}"
 
 
 if __name__ == "__main__":

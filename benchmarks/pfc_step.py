@@ -9,7 +9,12 @@ with random uint8 batches and labels in [0, classes): the head is built the way 
 it (centres deferred, each rank draws its own shard; PartialFC around an ArcFace head and
 cross-entropy). Under torchrun it joins the process group itself (NCCL on CUDA, gloo on the
 CPU) even at one process, where engine.distributed would not (it starts a group only for
-WORLD_SIZE > 1). Rank 0 writes one JSON object (``--json``) and prints it on stdout.
+WORLD_SIZE > 1); without ``device_id`` (NCCL connects at its first collective, not at init, so
+a backend that cannot start does not cost the step's numbers). At one process the training
+step runs no collective, so after the timed steps one all-reduce proves the backend works
+(``all_reduce_ok``). Rank 0 writes one JSON object (``--json``) and prints it on stdout; the
+file is written before that all-reduce too, so a backend that fails or hangs there leaves the
+step's numbers behind.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ def main(argv=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(cfg, model, objective, _Sized(), device, dist_info=info)
     build_s = time.perf_counter() - t0
+    built_gb = torch.cuda.memory_allocated(device) / 1e9 if use_cuda else None  # weights only
     g = torch.Generator().manual_seed(rank)
     images = torch.randint(0, 256, (args.batch_size, 3, 112, 112), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, args.classes, (args.batch_size,), generator=g)
@@ -123,7 +129,17 @@ def main(argv=None) -> dict:
               "loss_finite": all(v == v and abs(v) != float("inf") for v in losses_seen),
               "bad_steps": trainer.bad_steps,
               "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if use_cuda else None,
-              "estimate": memory_estimate_gb(args.classes, cfg.embedding_size, args.sample_rate, world)}
+              # held between steps (weights, gradients, momentum): what the README's x3 rule describes
+              "allocated_built_gb": built_gb,
+              "allocated_after_steps_gb": torch.cuda.memory_allocated(device) / 1e9 if use_cuda else None,
+              "estimate": memory_estimate_gb(args.classes, cfg.embedding_size, args.sample_rate, world),
+              "all_reduce_ok": None}
+    if rank == 0 and args.json:
+        write_json(args.json, result)
+    if dist.is_initialized():
+        t = torch.ones(1, device=device)
+        dist.all_reduce(t)
+        result["all_reduce_ok"] = float(t) == world
     if rank == 0:
         if args.json:
             write_json(args.json, result)

@@ -8,18 +8,28 @@ CPU if need be; an undecodable one is reported by position, as the CPU path repo
 Two codecs, one registry: TorchCodec (``torchcodec.decoders``, where the package is
 installed: the home of PyTorch's image codecs from torchvision 0.29 on, which deprecates
 its own) and torchvision.io as the fallback while it exists. ``codec()`` picks the first
-that imports; ``decode_batch(..., codec_name=...)`` forces one (benchmarks, tests).
-Both give the pixels cv2 gives for the same bytes on the CPU (tests/test_device_decode.py).
+that loads and decodes a small JPEG on the device asked for (a CPU-only TorchCodec build,
+or one built for another torch, falls back to torchvision rather than reporting every image
+undecodable); ``decode_batch(..., codec_name=...)`` forces one (benchmarks, tests). No codec
+that works there is CodecError, one line. Both give the pixels cv2 gives for the same bytes on
+the CPU (tests/test_device_decode.py).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data.imageformat import image_format
+from utils.errors import UserError
+
+
+class CodecError(UserError, ImportError):
+    """No codec decodes JPEGs on the device asked for (none loads, or none reaches the device): one line."""
 
 
 class Codec(NamedTuple):
@@ -45,25 +55,42 @@ def _torchvision() -> Codec:
                  lambda payload: decode_image(payload, mode=ImageReadMode.RGB))
 
 
-#: Preference order: the first whose import works is used.
+#: Preference order: the first that loads and decodes on the device is used.
 CODECS: Dict[str, Callable[[], Codec]] = {"torchcodec": _torchcodec, "torchvision": _torchvision}
-_CHOSEN: Dict[str, Codec] = {}
+_CHOSEN: Dict[Tuple[str, str], Codec] = {}
+# what a codec may raise when it cannot load (a missing package; a library built for another torch or
+# without CUDA: OSError, RuntimeError) or cannot decode on the device (RuntimeError, NotImplementedError)
+_UNUSABLE = (ImportError, OSError, RuntimeError, ValueError, AttributeError)
 
 
-def codec(name: str | None = None) -> Codec:
-    """The codec called ``name``, or the first of CODECS that imports (cached per process)."""
-    key = name or "auto"
+def _probe(c: Codec, device: torch.device) -> None:
+    """Raise RuntimeError unless ``c`` decodes a batch of two small JPEGs onto ``device`` as (3, 16, 16) uint8."""
+    jpeg = torch.from_numpy(cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))[1].copy())
+    out = list(c.jpegs([jpeg, jpeg.clone()], device))
+    if len(out) != 2 or any(t.shape != (3, 16, 16) or t.dtype != torch.uint8 or t.device.type != device.type
+                            for t in out):
+        raise RuntimeError(f"a test JPEG came back as {[(tuple(t.shape), t.dtype, str(t.device)) for t in out]}")
+
+
+def codec(name: str | None = None, device: torch.device | str = "cpu") -> Codec:
+    """The codec called ``name``, or the first of CODECS that loads and decodes on ``device`` (cached
+    per process and device); CodecError naming each codec's failure when none does."""
+    device = torch.device(device)
+    key = (name or "auto", str(device))
     if key not in _CHOSEN:
         names = [name] if name else list(CODECS)
         errors = []
         for n in names:
             try:
-                _CHOSEN[key] = CODECS[n]()
-                break
-            except ImportError as exc:
-                errors.append(f"{n}: {exc}")
+                c = CODECS[n]()
+                _probe(c, device)
+            except _UNUSABLE as exc:
+                errors.append(f"{n}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")
+                continue
+            _CHOSEN[key] = c
+            break
         else:
-            raise ImportError("no image codec for --decode-on-device (" + "; ".join(errors) + ")")
+            raise CodecError(f"--decode-on-device: no image codec decodes JPEGs on {device} ({'; '.join(errors)})")
     return _CHOSEN[key]
 
 
@@ -86,7 +113,7 @@ def decode_batch(payloads: List[torch.Tensor], device: torch.device, size: Tuple
 
     Images of another size are resized (area-like, antialiased) to `size` (H, W).
     """
-    c = codec(codec_name)
+    c = codec(codec_name, device)
     images: List[torch.Tensor | None]
     try:
         if not all(_is_jpeg(p) for p in payloads):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, List, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from data.dataset import FaceDataset, ResumableBatchSampler, collate, stop_workers, worker_init
+from data.dataset import EncodedBatch, FaceDataset, ResumableBatchSampler, collate, stop_workers, worker_init
 from data.sources import DataSourceError
 from engine.distributed import DistInfo
 
@@ -120,7 +120,7 @@ class BatchFeeder:
                 break
             finally:
                 self.waiting = False
-            if isinstance(images, list):  # encoded: decode where the model runs
+            if isinstance(images, EncodedBatch):  # encoded: decode where the model runs
                 images, labels, undecodable = self._decode(images, labels)
                 bad = list(bad) + undecodable
             seen, good = seen + len(labels) + len(bad), good + len(labels)
@@ -135,16 +135,16 @@ class BatchFeeder:
             raise DataSourceError(f"all {seen} images read in epoch {self.sampler.epoch} were undecodable "
                                   f"(first: {', '.join(self._first_bad)}): damaged images, or not image data")
 
-    def _decode(self, items: List[Tuple[int, torch.Tensor]], labels: torch.Tensor):
+    def _decode(self, batch: EncodedBatch, labels: torch.Tensor):
         """Batched JPEG decoding on the training device; undecodable images dropped and reported."""
         from data.device_decode import decode_batch
 
-        images, failed = decode_batch([p for _, p in items], self.device, tuple(self.dataset.image_size))
+        images, failed = decode_batch(batch.payloads(), self.device, tuple(self.dataset.image_size))
         if failed:
-            keep = torch.ones(len(items), dtype=torch.bool)
+            keep = torch.ones(len(batch.indices), dtype=torch.bool)
             keep[failed] = False
             labels = labels[keep]
-        return images, labels, [items[i][0] for i in failed]
+        return images, labels, [batch.indices[i] for i in failed]
 
     def _fill(self, images: torch.Tensor, labels: torch.Tensor) -> MicroBatch:
         """Under several processes, a batch short of undecodable images is refilled by repeating its
