@@ -57,9 +57,10 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 # The wheels a lent GPU machine without a network lacks, built or fetched here into .whl/ (git-ignored) to carry
-# along: its image has torch 2.11, torchvision, OpenCV, scikit-learn, ... but not efficientnet-pytorch (source-only
-# package: a wheel is built) nor TorchCodec (fetched for its Python, DEVICE_PYTHON; torchcodec >= 0.12 runs on any
-# torch >= 2.11, and its Linux x86-64 wheel carries nvJPEG).
+# along: its image has torch 2.11, torchvision, OpenCV, scikit-learn, ... but not TorchCodec (fetched for its Python,
+# DEVICE_PYTHON; torchcodec >= 0.12 runs on any torch >= 2.11, and its Linux x86-64 wheel carries nvJPEG) nor
+# efficientnet-pytorch (a source-only package: a wheel is built). The scripts start without them (gpu-check then
+# times one device codec, torchvision's).
 DEVICE_PYTHON ?= 3.12
 device-wheels: $(STAMP)
 	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w .whl \
