@@ -225,6 +225,7 @@ def cmd_facebank(args: argparse.Namespace) -> int:
             if not os.path.isdir(f):
                 raise FileNotFoundError(f"{f}: no such identity folder (expected DIR/<name>)")
             folders.append((os.path.basename(os.path.normpath(f)), f))
+    _listed([f for _, f in folders])  # the note on files that are not images; embed_identities lists its own
     means, counts, failed = fb.embed_identities(model, folders, args.tta, args.batch_size, not args.no_progress,
                                                    detect=rules)
     for name in sorted(means):

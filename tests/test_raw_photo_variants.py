@@ -25,6 +25,7 @@ from backbones.weights import save_backbone
 from data.imageformat import encoded_dimensions, oversize
 from prepare.synth.dataset import identity_traits
 from prepare.synth.render import render_face
+from tests.cli_helpers import script_error
 
 INVERSE = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
            6: Image.ROTATE_90, 7: Image.TRANSVERSE, 8: Image.ROTATE_270}
@@ -152,3 +153,16 @@ def test_webp_header_dimensions(tmp_path, kind, size):
     data = b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
     assert encoded_dimensions(data) == (h, w)
     assert (oversize(data) is not None) == (h * w > 1 << 26)
+
+
+def test_facebank_notes_non_images_and_video_refuses_a_folder(tmp_path, model, capsys):
+    ann = tmp_path / "bank" / "ann"
+    ann.mkdir(parents=True)
+    Image.fromarray(scene()[94:206, 94:206]).save(ann / "a face.png")
+    (ann / "notes.txt").write_text("who is this\n")
+    bank = str(tmp_path / "bank.npz")
+    assert infer.main(["facebank", "build", model, str(tmp_path / "bank"), "--out", bank, "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 file(s)" in err and str(ann / "notes.txt") in err, err
+    script_error(capsys, infer.main, ["video", model, bank, str(tmp_path / "bank"), str(tmp_path / "o.mp4")],
+                 "infer.py: error:", "a folder, not a video file")
