@@ -61,7 +61,7 @@ def parse_landmarks(path: str) -> Tuple[List[Entry], List[BadLine]]:
     entries: List[Entry] = []
     bad: List[BadLine] = []
     first_line: Dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:  # -sig: a BOM (Windows editors) is no path
         for n, raw in enumerate(fh, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):

@@ -23,6 +23,7 @@ import infer
 import prepare_data
 from backbones.weights import save_backbone
 from data.imageformat import encoded_dimensions, oversize
+from detection.align import ARCFACE_112
 from prepare.synth.dataset import identity_traits
 from prepare.synth.render import render_face
 from tests.cli_helpers import script_error
@@ -166,3 +167,20 @@ def test_facebank_notes_non_images_and_video_refuses_a_folder(tmp_path, model, c
     assert "note: 1 file(s)" in err and str(ann / "notes.txt") in err, err
     script_error(capsys, infer.main, ["video", model, bank, str(tmp_path / "bank"), str(tmp_path / "o.mp4")],
                  "infer.py: error:", "a folder, not a video file")
+
+
+def test_landmarks_file_from_a_windows_editor(photos, tmp_path, capsys):
+    """BOM, CRLF, a lone CR, commas, a path with spaces and non-ASCII: every line is used."""
+    folder, _ = photos
+    pts = " ".join(str(v) for v in (ARCFACE_112 * 1.5 + [94, 94]).ravel().round(2))
+    text = (f"\ufeffupright.png {pts}\r\npng named.jpg,{pts.replace(' ', ',')}\r\nfäce 名前.png {pts}\r"
+            f"exif6.png {pts}\n")
+    lm = tmp_path / "lm.txt"
+    lm.write_bytes(text.encode("utf-8"))
+    out = tmp_path / "aligned"
+    prepare_data.main(["align", str(folder), str(out), "--landmarks", str(lm), "--no-progress", "--workers", "0"])
+    io = capsys.readouterr()
+    assert "4 images aligned" in io.out, (io.out, io.err)
+    ref = cv2.imread(str(out / "upright.png"))
+    for name in ("fäce 名前.png", "exif6.png"):  # same pixels after EXIF: the same crop
+        assert np.array_equal(cv2.imread(str(out / name)), ref), name
