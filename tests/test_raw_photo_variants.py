@@ -184,3 +184,13 @@ def test_landmarks_file_from_a_windows_editor(photos, tmp_path, capsys):
     ref = cv2.imread(str(out / "upright.png"))
     for name in ("fäce 名前.png", "exif6.png"):  # same pixels after EXIF: the same crop
         assert np.array_equal(cv2.imread(str(out / name)), ref), name
+
+
+def test_make_bin_and_unpack_refuse_a_huge_header_in_one_line(tmp_path):
+    from prepare.pairs import PairsError, image_payload
+    from prepare.unpack import reencode_image
+
+    (tmp_path / "huge.png").write_bytes(huge_png())
+    with pytest.raises(PairsError, match=r"huge.png: its header claims 100000x100000 pixels.*refused undecoded$"):
+        image_payload(str(tmp_path / "huge.png"))
+    assert reencode_image(huge_png(), "jpg") is None  # unpack --format: counted as undecodable, no cv2.error
