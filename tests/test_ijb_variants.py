@@ -233,3 +233,15 @@ def test_oversized_or_truncated_loose_crop_is_not_ok(tmp_path):
     assert align_one(ok, POINTS) is not None
     assert align_one(str(tmp_path / "huge.jpg"), POINTS) is None
     assert align_one(str(tmp_path / "trunc.jpg"), POINTS) is None
+
+
+@pytest.mark.parametrize("text, what", [
+    ("SUBJECT_ID,TEMPLATE_ID\n100,1\n100,x\n", "g.csv:3: 'x' is not an integer"),
+    ("a,SUBJECT_ID,TEMPLATE_ID\n0,100,1\n0,100\n", "g.csv:3: 2 field(s) (expected at least 3: template id in column 2"),
+])
+def test_bad_row_named_when_columns_come_from_the_header(tmp_path, text, what):
+    path = tmp_path / "g.csv"
+    path.write_text(text)
+    with pytest.raises(IJBFormatError) as err:
+        read_template_subjects(str(path))
+    assert what in str(err.value), str(err.value)
