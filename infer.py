@@ -38,6 +38,7 @@ from inference.embed import TTA_MODES, embed_files, embed_images, list_images, o
 from inference.export import EXPORTERS, write_onnx, write_torchscript
 from inference.model import EmbeddingModel, load_model
 from inference.threshold import resolve
+from prepare.align import non_images
 from utils.atomic import write_bytes, write_text
 from utils.errors import fail, user_errors
 
@@ -167,10 +168,19 @@ def _load(args: argparse.Namespace) -> EmbeddingModel:
     return model
 
 
+def _listed(inputs: Sequence[str]) -> List[str]:
+    """list_images(inputs), with one note naming the files its folders hold that are not images by extension."""
+    others = [os.path.join(d, rel) for d in inputs if os.path.isdir(d) for rel in non_images(d)]
+    if others:
+        print(f"note: {len(others)} file(s) in the folders are not images by their extension, left out: "
+              f"{', '.join(others[:3])}{', ...' if len(others) > 3 else ''}", file=sys.stderr)
+    return list_images(inputs)
+
+
 def _report_failed(failed: Sequence[Tuple[str, str]]) -> int:
     """Print the images that could not be used; the exit status (1 if any)."""
-    for path, why in failed:
-        print(f"  bad image: {path}: {why}", file=sys.stderr)
+    for path, why in failed:  # the reasons mostly name the file already: say it once
+        print(f"  bad image: {why if why.startswith(path + ': ') else f'{path}: {why}'}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} image(s) could not be used (listed above)", file=sys.stderr)
     return 1 if failed else 0
@@ -178,7 +188,7 @@ def _report_failed(failed: Sequence[Tuple[str, str]]) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     model = _load(args)
-    result = embed_files(model, list_images(args.inputs), args.tta, args.batch_size, not args.no_progress,
+    result = embed_files(model, _listed(args.inputs), args.tta, args.batch_size, not args.no_progress,
                          detect=_rules(args))
     emb = result.embeddings.astype(np.float32)
     buf = io.BytesIO()
@@ -215,6 +225,7 @@ def cmd_facebank(args: argparse.Namespace) -> int:
             if not os.path.isdir(f):
                 raise FileNotFoundError(f"{f}: no such identity folder (expected DIR/<name>)")
             folders.append((os.path.basename(os.path.normpath(f)), f))
+    _listed([f for _, f in folders])  # the note on files that are not images; embed_identities lists its own
     means, counts, failed = fb.embed_identities(model, folders, args.tta, args.batch_size, not args.no_progress,
                                                    detect=rules)
     for name in sorted(means):
@@ -259,7 +270,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
     bank.check_model(model, args.bank, args.tta)
     threshold = resolve(args.model, model.kind, model.metadata, args.threshold)
     print(threshold.text())
-    result = embed_files(model, list_images(args.inputs), bank.tta, args.batch_size, not args.no_progress,
+    result = embed_files(model, _listed(args.inputs), bank.tta, args.batch_size, not args.no_progress,
                          detect=rules)
     matches = fb.match(bank, result.embeddings, threshold.cosine, args.top_k)
     rows = [{"path": p, "identity": m.name, "score": m.score, "top_k": m.top} for p, m in zip(result.paths, matches)]

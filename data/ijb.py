@@ -9,7 +9,13 @@ Layout (ROOT may be called anything; the target is read from the meta file names
     ROOT/meta/<p>_1N_gallery_<G>.csv, <p>_1N_probe_mixed.csv   CSV, header row, tid, subject id, ...
 
 Line i of the two face files describes the same face (blank lines are skipped, as the
-reference's pandas reader does). Parsing is vectorised (numpy on the bytes, np.loadtxt's C
+reference's pandas reader does). Read as the reference's text-mode readers read them: a leading
+UTF-8 BOM is dropped and "\n", "\r\n" and a lone "\r" all end a line; extra trailing columns of
+the tid/mid and pair files are ignored (the reference picks its columns by index); a 1:N CSV's
+columns are found by their header names TEMPLATE_ID / SUBJECT_ID (any case) when it has them,
+else they are columns 0 and 1 as in ``ijb_1n.py``. Meta file names match in any case
+(IJBC_face_tid_mid.txt from a case-insensitive copy), and a folder holding a single release
+folder (IJB_release/ with only IJBC/) is that release. Parsing is vectorised (numpy on the bytes, np.loadtxt's C
 parser): the 15.6M-line IJB-C pair file takes about two seconds. Only when the fast parse
 fails is the file scanned line by line, to name the first bad line:
 ``<file>:<line>: what is wrong (what was expected)``.
@@ -17,7 +23,6 @@ fails is the file scanned line by line, to name the first bad line:
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import os
@@ -66,8 +71,33 @@ class IJBLayout:
     probe: str | None
 
 
-def _existing(path: str) -> str | None:
-    return path if os.path.isfile(path) else None
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _listing(folder: str) -> dict[str, str]:
+    """lower-cased file name -> its name in `folder` (an exact-case name wins over another case)."""
+    names = sorted(os.listdir(folder), key=lambda n: n != n.lower())
+    out: dict[str, str] = {}
+    for name in names:
+        out.setdefault(name.lower(), name)
+    return out
+
+
+def _meta_path(meta: str, listing: dict[str, str], name: str) -> str | None:
+    """The path of meta file `name` in any case, if it is a file."""
+    found = listing.get(name.lower())
+    path = os.path.join(meta, found) if found else None
+    return path if path and os.path.isfile(path) else None
+
+
+def _single_release(root: str, path: str) -> str | None:
+    """The one sub-folder of `root` holding a meta/ folder (IJB_release/IJBC), or None when there is none;
+    IJBFormatError when there are several (which one was meant is not ours to guess)."""
+    subs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "meta")))
+    if len(subs) > 1:
+        raise IJBFormatError(f"{path}: holds {len(subs)} IJB releases ({', '.join(subs)}); name one folder per "
+                             f"release, e.g. {os.path.join(path, subs[0])}")
+    return os.path.join(root, subs[0]) if subs else None
 
 
 def find_ijb(path: str) -> IJBLayout:
@@ -81,13 +111,16 @@ def find_ijb(path: str) -> IJBLayout:
         raise FileNotFoundError(f"{path}: no such IJB folder (expected a folder holding meta/ and loose_crop/)")
     meta = os.path.join(root, "meta")
     if not os.path.isdir(meta):
-        if glob.glob(os.path.join(root, "*_face_tid_mid.txt")):  # `path` is the meta folder itself
-            meta, root = root, os.path.dirname(root)
+        if any(n.endswith(("_face_tid_mid.txt", "_name_5pts_score.txt")) for n in _listing(root)):
+            meta, root = root, os.path.dirname(root)  # `path` is the meta folder itself
+        elif (inner := _single_release(root, path)) is not None:
+            return find_ijb(inner)
         else:
             raise FileNotFoundError(f"{path}: no meta/ folder (expected meta/<ijbb|ijbc>_face_tid_mid.txt and "
                                     "loose_crop/, as in insightface's IJB evaluation package)")
-    found = [name for name, t in TARGETS.items() if os.path.isfile(os.path.join(meta, f"{t.prefix}_face_tid_mid.txt"))
-             or os.path.isfile(os.path.join(meta, f"{t.prefix}_name_5pts_score.txt"))]
+    listing = _listing(meta)
+    found = [name for name, t in TARGETS.items() if _meta_path(meta, listing, f"{t.prefix}_face_tid_mid.txt")
+             or _meta_path(meta, listing, f"{t.prefix}_name_5pts_score.txt")]
     if len(found) > 1:
         raise IJBFormatError(f"{meta}: holds the face files of {' and '.join(found)}; keep one target per folder")
     if not found:
@@ -95,17 +128,21 @@ def find_ijb(path: str) -> IJBLayout:
         raise FileNotFoundError(f"{meta}: no IJB face file (expected {expected})")
     target = found[0]
     spec = TARGETS[target]
-    p = os.path.join(meta, spec.prefix)
-    for name in ("_face_tid_mid.txt", "_name_5pts_score.txt"):
-        if not os.path.isfile(p + name):
-            raise FileNotFoundError(f"{p + name}: missing (every {target} evaluation needs it)")
+    def meta_file(suffix: str) -> str | None:
+        return _meta_path(meta, listing, spec.prefix + suffix)
+
+    faces, media = meta_file("_name_5pts_score.txt"), meta_file("_face_tid_mid.txt")
+    for name, got in (("_face_tid_mid.txt", media), ("_name_5pts_score.txt", faces)):
+        if got is None:
+            raise FileNotFoundError(f"{os.path.join(meta, spec.prefix + name)}: missing (every {target} "
+                                    "evaluation needs it)")
     image_dir = os.path.join(root, "loose_crop")
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"{image_dir}: missing (the {target} loose crops the 5 points refer to)")
-    galleries = {g: p + f"_1N_gallery_{g}.csv" for g in spec.galleries if os.path.isfile(p + f"_1N_gallery_{g}.csv")}
-    return IJBLayout(target=target, root=root, image_dir=image_dir, faces=p + "_name_5pts_score.txt",
-                     media=p + "_face_tid_mid.txt", pairs=_existing(p + "_template_pair_label.txt"),
-                     galleries=galleries, probe=_existing(p + "_1N_probe_mixed.csv"))
+    galleries = {g: csv for g in spec.galleries if (csv := meta_file(f"_1N_gallery_{g}.csv"))}
+    return IJBLayout(target=target, root=root, image_dir=image_dir, faces=faces, media=media,
+                     pairs=meta_file("_template_pair_label.txt"), galleries=galleries,
+                     probe=meta_file("_1N_probe_mixed.csv"))
 
 
 @dataclass
@@ -120,7 +157,14 @@ class IJBFaces:
 
 
 def _read(path: str) -> bytes:
+    """The file's bytes as a text-mode reader sees them: no UTF-8 BOM, every line ending "\n"."""
     data = read_regular(path, "IJB meta file", META_MAX_BYTES)
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise IJBFormatError(f"{path}:1: UTF-16 text (expected ASCII / UTF-8, as the release's files)")
+    if data.startswith(_UTF8_BOM):
+        data = data[len(_UTF8_BOM):]
+    if b"\r" in data and data.count(b"\r") != data.count(b"\r\n"):  # a lone CR ends a line, as universal newlines
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     if not data.strip():
         raise IJBFormatError(f"{path}:1: empty file (expected one line per row)")
     return data
@@ -173,14 +217,23 @@ def _is_finite(tok: bytes) -> bool:
         return False
 
 
-def _token_table(data: bytes, path: str, ncols: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """((rows, ncols) bytes array, 1-based line of each row) of a whitespace-separated file."""
+def _token_table(data: bytes, path: str, ncols: int, what: str, extra_ok: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """((rows, ncols) bytes array, 1-based line of each row) of a whitespace-separated file.
+
+    ``extra_ok``: a line may hold more fields than ``ncols``; its first ``ncols`` are taken.
+    """
     counts, lines = _nonblank_lines(data)
-    bad = np.flatnonzero(counts != ncols)
+    bad = np.flatnonzero(counts < ncols if extra_ok else counts != ncols)
     if bad.size:
         i = int(bad[0])
-        raise IJBFormatError(f"{path}:{int(lines[i])}: {int(counts[i])} fields (expected {ncols}: {what})")
-    return np.array(data.split()).reshape(-1, ncols), lines
+        expected = f"at least {ncols}" if extra_ok else f"{ncols}"
+        raise IJBFormatError(f"{path}:{int(lines[i])}: {int(counts[i])} fields (expected {expected}: {what})")
+    tokens = np.array(data.split())
+    if (counts == ncols).all():
+        return tokens.reshape(-1, ncols), lines
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return tokens[starts[:, None] + np.arange(ncols)], lines
 
 
 def _ints(col: np.ndarray, lines: np.ndarray, path: str, name: str) -> np.ndarray:
@@ -226,7 +279,7 @@ def read_faces(layout: IJBLayout) -> IJBFaces:
     """Both face files, checked row against row (same count, same image name on each row)."""
     pts_bytes, mid_bytes = _read(layout.faces), _read(layout.media)
     pts, pts_lines = _token_table(pts_bytes, layout.faces, 12, "image name, 10 landmark coordinates, faceness")
-    mid, mid_lines = _token_table(mid_bytes, layout.media, 3, "image name, template id, media id")
+    mid, mid_lines = _token_table(mid_bytes, layout.media, 3, "image name, template id, media id", extra_ok=True)
     if len(pts) != len(mid):
         n = min(len(pts), len(mid))
         longer, lines = (layout.faces, pts_lines) if len(pts) > len(mid) else (layout.media, mid_lines)
@@ -259,8 +312,9 @@ def _loadtxt(data: bytes, **kwargs) -> np.ndarray:
 
 
 def _pair_check(fields: list[bytes]) -> str | None:
-    if len(fields) != 3:
-        return f"{len(fields)} fields (expected 3: template id, template id, label 0/1)"
+    if len(fields) < 3:
+        return f"{len(fields)} fields (expected at least 3: template id, template id, label 0/1)"
+    fields = fields[:3]
     if not all(_is_int(f) for f in fields):
         return f"{b' '.join(fields).decode(errors='replace')!r} (expected three integers: tid1 tid2 label)"
     if int(fields[2]) not in (0, 1):
@@ -269,10 +323,11 @@ def _pair_check(fields: list[bytes]) -> str | None:
 
 
 def read_pairs(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(t1, t2) int64 template ids and label int8 in {0, 1}, one per non-blank line, in file order."""
+    """(t1, t2) int64 template ids and label int8 in {0, 1}, one per non-blank line, in file order
+    (columns 0-2; any further columns are ignored, as the reference's column picks do)."""
     data = _read(path)
     try:
-        table = _loadtxt(data)
+        table = _loadtxt(data, usecols=(0, 1, 2))
     except (ValueError, UserWarning):
         raise _first_bad(data, path, _pair_check) from None
     if table.shape[1] != 3 or not np.isin(table[:, 2], (0, 1)).all():
@@ -280,27 +335,47 @@ def read_pairs(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].astype(np.int8)
 
 
-def _csv_check(fields: list[bytes]) -> str | None:
-    if len(fields) < 2:
-        return f"{len(fields)} field (expected at least 2: template id, subject id)"
-    bad = [f for f in fields[:2] if not _is_int(f.strip())]
-    return f"{bad[0].decode(errors='replace')!r} is not an integer (expected template id, subject id)" if bad else None
+def _csv_checker(cols: tuple[int, int]) -> Callable[[list[bytes]], str | None]:
+    def check(fields: list[bytes]) -> str | None:
+        if len(fields) <= max(cols):
+            return (f"{len(fields)} field(s) (expected at least {max(cols) + 1}: template id in column {cols[0]}, "
+                    f"subject id in column {cols[1]})")
+        bad = [fields[c] for c in cols if not _is_int(fields[c].strip().strip(b'"'))]
+        if bad:
+            return f"{bad[0].decode(errors='replace')!r} is not an integer (expected template id, subject id)"
+        return None
+    return check
+
+
+CSV_COLUMNS = ("TEMPLATE_ID", "SUBJECT_ID")  # NIST's header names of the two columns read
+
+
+def _csv_columns(header: bytes) -> tuple[int, int]:
+    """(template, subject) column indices: by header name (any case, quotes and spaces ignored) when the
+    header names both, else (0, 1), the reference's fixed columns."""
+    cells = [c.strip().strip('"').strip().upper() for c in header.decode("utf-8", "replace").split(",")]
+    if all(name in cells for name in CSV_COLUMNS):
+        return cells.index(CSV_COLUMNS[0]), cells.index(CSV_COLUMNS[1])
+    return 0, 1
 
 
 def read_template_subjects(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(template ids, subject ids) int64 of a 1:N CSV (header row; columns 0 and 1), rows in file order.
+    """(template ids, subject ids) int64 of a 1:N CSV (header row; the TEMPLATE_ID and SUBJECT_ID
+    columns, or columns 0 and 1 when the header does not name them), rows in file order.
 
     Templates repeat (one row per image); a template listed with two subjects is an error.
     """
     data = _read(path)
-    header_end = data.find(b"\n", len(data) - len(data.lstrip()))
+    header_start = len(data) - len(data.lstrip())
+    header_end = data.find(b"\n", header_start)
     body = data[header_end + 1:] if header_end >= 0 else b""
+    cols = _csv_columns(data[header_start:header_end if header_end >= 0 else len(data)])
     try:
-        table = _loadtxt(body, delimiter=",", usecols=(0, 1), quotechar='"')
+        table = _loadtxt(body, delimiter=",", usecols=cols, quotechar='"')
     except (ValueError, UserWarning):
         if not body.strip():
             raise IJBFormatError(f"{path}:1: only a header row (expected template id, subject id rows)") from None
-        raise _first_bad(data, path, _csv_check, skip=1, sep=b",") from None
+        raise _first_bad(data, path, _csv_checker(cols), skip=1, sep=b",") from None
     tids, sids = table[:, 0].copy(), table[:, 1].copy()
     order = np.argsort(tids, kind="stable")
     st, ss = tids[order], sids[order]

@@ -77,11 +77,28 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _le(data: bytes, off: int, n: int) -> int:
+    return int.from_bytes(data[off:off + n], "little")
+
+
+def _webp_dimensions(head: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first chunk of a RIFF/WEBP file: VP8 (lossy), VP8L (lossless) or VP8X (extended)."""
+    chunk = head[12:16]
+    if chunk == b"VP8 " and len(head) >= 30 and head[23:26] == b"\x9d\x01\x2a":
+        return _le(head, 28, 2) & 0x3FFF, _le(head, 26, 2) & 0x3FFF
+    if chunk == b"VP8L" and len(head) >= 25 and head[20] == 0x2F:
+        bits = _le(head, 21, 4)
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(head) >= 30:
+        return _le(head, 27, 3) + 1, _le(head, 24, 3) + 1
+    return None
+
+
 def encoded_dimensions(payload: bytes | np.ndarray) -> tuple[int, int] | None:
     """(height, width) in pixels an encoded image claims in its header, without decoding it.
 
-    Read for PNG (IHDR), JPEG (the first SOF segment), GIF (logical screen) and BMP (DIB header);
-    None for other formats or a header too short to say.
+    Read for PNG (IHDR), JPEG (the first SOF segment), GIF (logical screen), BMP (DIB header) and
+    WebP (its VP8 / VP8L / VP8X header); None for other formats or a header too short to say.
     """
     head = bytes(payload[:1 << 16]) if isinstance(payload, bytes) else payload[:1 << 16].tobytes()
     if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
@@ -90,6 +107,8 @@ def encoded_dimensions(payload: bytes | np.ndarray) -> tuple[int, int] | None:
         return _jpeg_dimensions(head)
     if head[:6] in (b"GIF87a", b"GIF89a") and len(head) >= 10:
         return int.from_bytes(head[8:10], "little"), int.from_bytes(head[6:8], "little")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return _webp_dimensions(head)
     if head[:2] == b"BM" and len(head) >= 26:
         return abs(int.from_bytes(head[22:26], "little", signed=True)), int.from_bytes(head[18:22], "little",
                                                                                         signed=True)

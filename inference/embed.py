@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from data.dataset import decode_image
+from data.imageformat import oversize
 from data.sources import IMAGE_EXTENSIONS
 from data.transforms import normalize
 from evaluation.embed import TTA_MODES
@@ -49,9 +50,11 @@ def list_images(inputs: Sequence[str]) -> List[str]:
 
 def read_image(path: str) -> np.ndarray:
     """(112,112,3) uint8 RGB of an image file; ValueError/OSError with the reason if it cannot be used."""
-    img = decode_image(read_regular(path, "image", max_image_bytes()), INPUT_SIZE)
+    data = read_regular(path, "image", max_image_bytes())
+    why = oversize(data) if data else "empty file"
+    img = None if why else decode_image(data, INPUT_SIZE)
     if img is None:
-        raise UnreadableFileError(f"{path}: not a decodable image (JPEG/PNG/BMP/WebP)")
+        raise UnreadableFileError(f"{path}: {why or 'not a decodable image (JPEG/PNG/BMP/WebP)'}")
     return img
 
 

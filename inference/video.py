@@ -66,7 +66,8 @@ def codec_for(path: str) -> str:
 def open_capture(source, what: str) -> cv2.VideoCapture:
     """cv2.VideoCapture of a file path or a camera index; VideoError naming it if it does not open."""
     if isinstance(source, str) and not os.path.isfile(source):
-        raise FileNotFoundError(f"{source}: no such video file")
+        kind = "a folder, not a video file" if os.path.isdir(source) else "no such video file"
+        raise FileNotFoundError(f"{source}: {kind}")
     cap = cv2.VideoCapture(source)
     if not cap.isOpened():
         why = "no such camera, or no access to it" if isinstance(source, int) else "OpenCV cannot open it as a video"

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, NamedTuple, Tuple
 import cv2
 import numpy as np
 
+from data.imageformat import oversize
 from data.sources import IMAGE_EXTENSIONS, DataSourceError
 from detection import align as _core
 from detection.align import ARCFACE_112, TEMPLATES, align_face, similarity_transform  # noqa: F401 (re-exported)
@@ -60,7 +61,7 @@ def parse_landmarks(path: str) -> Tuple[List[Entry], List[BadLine]]:
     entries: List[Entry] = []
     bad: List[BadLine] = []
     first_line: Dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:  # -sig: a BOM (Windows editors) is no path
         for n, raw in enumerate(fh, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
@@ -104,6 +105,18 @@ def list_images(src: str, exclude: str | None = None) -> Iterator[str]:
                 yield os.path.relpath(os.path.join(root, name), src)
 
 
+def non_images(src: str, exclude: str | None = None) -> List[str]:
+    """Relative paths of the visible files under `src` that list_images leaves out (no image extension:
+    readme.txt, .tif, .gif, ...), sorted walk: what a run reports as skipped rather than dropping unsaid."""
+    exclude = os.path.abspath(exclude) if exclude else None
+    out: List[str] = []
+    for root, dirs, files in os.walk(src):
+        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) != exclude)
+        out.extend(os.path.relpath(os.path.join(root, name), src) for name in sorted(files)
+                   if not name.startswith(".") and not name.lower().endswith(IMAGE_EXTENSIONS))
+    return out
+
+
 def _encode_params(ext: str, jpeg_quality: int) -> List[int]:
     return [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
 
@@ -133,7 +146,16 @@ def _read_image(path: str) -> np.ndarray | str:
         return str(exc).removeprefix(path + ": ")
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if not data:
+        return "empty file"
+    buf = np.frombuffer(data, np.uint8)
+    why = oversize(buf)  # OpenCV would allocate up to 1 Gpx, or assert (cv2.error) beyond
+    if why:
+        return f"{why}; refused undecoded"
+    try:
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    except cv2.error as exc:
+        return f"not a decodable image (OpenCV: {str(exc).strip().splitlines()[-1][:120]})"
     return "not a decodable image" if img is None else img
 
 
@@ -258,7 +280,8 @@ def detect_folder(src: str, out: str, rules: DetectRules = DetectRules(), size: 
     template(size)
     t0 = time.perf_counter()
     rels = list(list_images(src, exclude=out))
-    problems: List[str] = []
+    problems: List[str] = [f"{os.path.join(src, rel)}: not an image file by its extension (expected "
+                           f"{'/'.join(IMAGE_EXTENSIONS)})" for rel in non_images(src, exclude=out)]
     lines: List[str] = []
     aligned = 0
     for rel in tqdm(rels, desc="detect+align", unit="img", disable=not progress, dynamic_ncols=True):

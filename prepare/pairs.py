@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.bins import NFOLDS, label_warning, write_bin
+from data.imageformat import oversize
 from data.sources import DataSourceError
 from prepare.unpack import payload_extension
 from utils.atomic import write_text
@@ -161,9 +162,15 @@ def image_payload(path: str, detect=None) -> tuple[bytes, bool]:
     prepare.align.DetectRules): a raw photo; its face is found, aligned to 112x112 and stored as PNG.
     """
     data = read_regular(path, "image", max_image_bytes())
+    why = oversize(data)  # evaluate.py would refuse it; OpenCV here would allocate up to 1 Gpx, or assert
+    if why:
+        raise PairsError(f"{path}: {why}; refused undecoded")
     if detect is None and payload_extension(data) in _STORED_AS_IS:
         return data, False
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error:
+        img = None
     if img is None:
         raise PairsError(f"{path}: not a decodable image ({len(data)} bytes, starting {data[:8]!r})")
     if detect is not None:

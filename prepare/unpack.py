@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data.bins import BinFormatError, decode_bin, load_bin
 from data.facerec import FaceRec
-from data.imageformat import KNOWN_EXTENSIONS, payload_extension
+from data.imageformat import KNOWN_EXTENSIONS, oversize, payload_extension
 from data.recordio import RecordIOError, RecordReader, unpack_irheader
 from data.sources import DataSourceError
 from utils.atomic import write_atomic, write_bytes, write_json
@@ -130,7 +130,12 @@ def reencode_image(payload: bytes, fmt: str, jpeg_quality: int = 95) -> bytes | 
     shows the same colours as the old one (red stays red). Output is 3-channel, 8-bit.
     """
     ext, params = _ENCODERS[fmt]
-    img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR) if len(payload) else None
+    if not len(payload) or oversize(payload):  # never hand a decoder a 10^10-pixel claim (cv2.error)
+        return None
+    try:
+        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
     if img is None:
         return None
     ok, buf = cv2.imencode(ext, img, params(jpeg_quality))
