@@ -142,6 +142,11 @@ def base_lr(optimizer: torch.optim.Optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> List[nn.Parameter]:
+    """Parameters in the optimizer's state numbering."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def per_parameter_state(state: Dict[str, Any], p: torch.Tensor) -> List[str]:
     """Keys of one parameter's optimizer state that are tensors shaped like it (SGD's momentum_buffer,
     AdamW's exp_avg/exp_avg_sq; not the scalar step): the entries a sharded head gathers and re-shards."""

@@ -7,16 +7,21 @@ verification report in full). Only rank 0 writes or prints; on the other ranks e
 still keeps ``history`` (it goes into the checkpoint) but shows and writes nothing.
 
 The name eval.json belongs to evaluate.py (its schema, its report folder): training never
-writes it.
+writes it. :class:`LossWindow` gathers what one logged line says (the mean over the steps since
+the last line and over the ranks).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Dict, List
 
+import torch
 from tqdm import tqdm
 
+from engine import distributed as dist_utils
+from engine.distributed import DistInfo
 from utils.atomic import write_json
 from utils.plots import plot_loss
 
@@ -144,3 +149,38 @@ class RunLog:
         if self._tb is not None:
             for name, value in scalars.items():
                 self._tb.add_scalar(name, value, step)
+
+
+class LossWindow:
+    """The steps since the last logged line: the losses (and distillation terms) of those that updated
+    the weights, and the time they took; :meth:`flush` logs their means and starts a new window.
+
+    ``global_batch``: images per optimizer step over all ranks (the throughput's unit);
+    ``distill``: a teacher adds a distillation term, logged apart.
+    """
+
+    def __init__(self, log: RunLog, info: DistInfo, device: torch.device, global_batch: int, distill: bool) -> None:
+        self.log, self.info, self.device, self.global_batch, self.distill = log, info, device, global_batch, distill
+        self.losses: List[torch.Tensor] = []
+        self.distill_terms: List[torch.Tensor] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, distill_term: torch.Tensor) -> None:
+        """A step that updated the weights (finite by construction; the same number on every rank)."""
+        self.losses.append(loss)
+        self.distill_terms.append(distill_term)
+
+    def flush(self, step: int, total_steps: int, epoch: int, lr: float, scale: float | None) -> None:
+        """Log the mean loss (over the window's steps and the ranks), ``lr`` and the global throughput
+        (collective; nothing when every step of the window was skipped), then start a new window."""
+        if self.losses:
+            seconds = time.perf_counter() - self.t0
+            mean_loss = dist_utils.mean_over_ranks(float(torch.stack(self.losses).mean()), self.info, self.device)
+            mean_distill = None
+            if self.distill:
+                mean_distill = dist_utils.mean_over_ranks(float(torch.stack(self.distill_terms).mean()), self.info,
+                                                          self.device)
+            if self.info.is_main:
+                ips = len(self.losses) * self.global_batch / max(seconds, 1e-9)
+                self.log.window(step, total_steps, epoch, mean_loss, lr, ips, distill=mean_distill, scale=scale)
+        self.losses, self.distill_terms, self.t0 = [], [], time.perf_counter()

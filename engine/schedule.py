@@ -1,7 +1,8 @@
 """Learning-rate schedules as pure functions of the optimizer step.
 
 Stepped per iteration (not per epoch), so warmup and decay are smooth and a
-resumed run continues on the same curve.
+resumed run continues on the same curve. The config's warmup and milestones are in
+epochs; :func:`build_scheduler` turns them into steps.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Sequence
 
+import torch
+
+from config import Config
 from utils.registry import Registry
 
 SCHEDULES = Registry("lr schedule")
@@ -59,3 +63,13 @@ def make_lr_lambda(**kwargs: float) -> Callable[[int], float]:
     """A closure for torch.optim.lr_scheduler.LambdaLR."""
     params: Dict[str, float] = dict(kwargs)
     return lambda step: lr_factor(step, **params)  # type: ignore[arg-type]
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``cfg``'s schedule (--scheduler, --warmup-epochs, --milestones, --lr-gamma, --poly-power) over
+    ``total_steps`` optimizer steps, stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, make_lr_lambda(
+        total_steps=total_steps, warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+        kind=cfg.scheduler, milestones=[int(round(m * steps_per_epoch)) for m in cfg.milestones],
+        gamma=cfg.lr_gamma, power=cfg.poly_power))

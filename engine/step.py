@@ -1,5 +1,6 @@
-"""The pieces of one optimizer step: what DDP wraps, the flips of a
-global batch, gradient clipping across shards, and the verdict on a non-finite step.
+"""The pieces of one optimizer step: what DDP wraps, the flips of a global batch, the
+forward and backward passes of its micro-batches, gradient clipping across shards, and
+the verdict on a non-finite step (engine/update.py puts the end of a step together).
 
 Every function treats all heads alike: a head's sharded parameters (Partial FC's centres
 under several ranks; none for a dense head) are the only thing that differs, and they are
@@ -10,13 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 
+from data.transforms import flip_normalize
 from engine import distributed as dist_utils
 from engine.distributed import DistInfo
+from engine.feeder import MicroBatch
+from engine.objective import Objective
+from engine.teacher import Distillation
 
 
 class StepModule(nn.Module):
@@ -75,6 +80,38 @@ def flip_masks(seed: int, step: int, accum: int, batch: int, info: DistInfo) -> 
     g = torch.Generator().manual_seed(seed * 7919 + step)
     coins = torch.rand(accum * batch * w, generator=g) < 0.5
     return coins.view(accum, batch, w)[:, :, info.rank]
+
+
+def accumulate_gradients(module: nn.Module, objective: Objective, distill: Distillation | None,
+                         scaler: torch.amp.GradScaler, micro_batches: List[MicroBatch], masks: torch.Tensor,
+                         info: DistInfo, device: torch.device,
+                         channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward passes over one step's K uint8 micro-batches through ``module`` (the
+    step module, maybe under DDP); (the step's loss, its distillation term), detached, on the device.
+
+    Micro-batch m is flipped by ``masks[m]`` (:func:`flip_masks`) and normalised on the device. Each
+    micro-batch's loss is divided by K, so the gradient is that of the mean over the K*B images;
+    DDP synchronises gradients on the last micro-step only. ``distill`` (a teacher) adds its term
+    to each micro-batch's loss.
+    """
+    total = torch.zeros((), device=device)
+    distill_total = torch.zeros((), device=device)
+    for m, (images, labels) in enumerate(micro_batches):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = flip_normalize(images, masks[m, :len(images)], channels_last=channels_last)
+        last = m == len(micro_batches) - 1
+        sync = (contextlib.nullcontext() if last or not info.distributed
+                or not hasattr(module, "no_sync") else module.no_sync())
+        with sync:
+            emb, out = module(x, labels)
+            loss = objective.loss(emb, out, labels)
+            if distill is not None:
+                loss, term = distill.add_term(loss, x, emb)
+                distill_total += term / len(micro_batches)
+            scaler.scale(loss / len(micro_batches)).backward()
+        total += loss.detach() / len(micro_batches)
+    return total, distill_total
 
 
 def agree_on_overflow(sharded: List[nn.Parameter], info: DistInfo, device: torch.device) -> None:

@@ -3,7 +3,7 @@
 train.py builds the parts from a Config and hands them here; this module knows nothing
 of the command line. Everything that changes during training (weights, optimizer,
 scheduler, scaler, head buffers, step, RNG) is in the checkpoint, so a resumed run
-continues exactly where it stopped.
+continues exactly where it stopped (engine/train_state.py: what the parts put into it).
 
 One code path for one process and for N (torchrun), and for every head: the backbone and
 the objective's replica (a dense head) run under DistributedDataParallel when there is a
@@ -13,13 +13,11 @@ Each rank reads every W-th sample of one permutation, so the global batch of a s
 the same set of images whatever W is; flips are drawn for the global batch and sliced;
 checkpoints hold full (gathered) centres. A run therefore resumes at another world size
 on the same data stream when the global batch is kept. Rank 0 logs, evaluates and
-writes (engine/runlog.py); the others wait at a barrier.
+writes (engine/runlog.py, engine/periodic_eval.py); the others wait at a barrier.
 
-A step whose loss or gradient norm (or lr) is not finite is skipped: no update, weights,
-momentum and buffers (BatchNorm statistics) as before it; the learning-rate schedule
-still advances (the step, its data and its flips are consumed, so a resumed run and an
-uninterrupted one stay on the same schedule). ``max_bad_steps`` such steps in a row stop
-the run. Nothing with non-finite weights is ever written or evaluated.
+A step whose loss or gradient norm (or lr) is not finite is skipped, the schedule still
+advancing (engine/update.py); ``max_bad_steps`` such steps in a row stop the run, and
+nothing with non-finite weights is ever written or evaluated (engine/divergence.py).
 """
 
 from __future__ import annotations
@@ -28,9 +26,7 @@ import contextlib
 import math
 import os
 import signal
-import time
-import warnings
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,28 +36,23 @@ from config import Config, to_dict
 from data.dataset import FaceDataset
 from data.mixing import build_sampler
 from data.sources import DataSourceError
-from data.transforms import flip_normalize
 from engine import distributed as dist_utils
 from engine import step as steps
+from engine import train_state
 from engine.checkpoint import rng_state, save_training_checkpoint, set_rng_state
 from engine.distributed import DistInfo
-from engine.ema import BackboneEMA, ema_summary
+from engine.divergence import DivergenceGuard
+from engine.ema import BackboneEMA
 from engine.feeder import BatchFeeder, MicroBatch, WaitInterrupted
 from engine.objective import Objective
-from engine.optim import base_lr, build_optimizer, per_parameter_state
-from engine.runlog import RunLog
-from engine.schedule import make_lr_lambda
+from engine.optim import base_lr, build_optimizer
+from engine.periodic_eval import Evaluator, evaluate_weights
+from engine.runlog import LossWindow, RunLog
+from engine.schedule import build_scheduler
 from engine.stopping import StopSignals
 from engine.teacher import Distillation, Teacher, check_same_teacher
+from engine.update import GuardedUpdate
 from utils.precision import amp_dtype, needs_grad_scaler
-from utils.torchfile import CheckpointError, check_finite
-
-Evaluator = Callable[[nn.Module], Dict[str, Any]]
-
-
-class TrainingDivergedError(CheckpointError):
-    """The run cannot go on to a usable checkpoint: too many non-finite steps in a row, or
-    non-finite weights about to be saved. A CheckpointError, so scripts print it as one line."""
 
 
 class Trainer:
@@ -98,10 +89,7 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
         self.optimizer = build_optimizer(cfg, self.model, self.objective)  # engine/optim.py: --optimizer, groups
         self.ema = BackboneEMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None  # engine/ema.py
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, make_lr_lambda(
-            total_steps=self.total_steps, warmup_steps=int(round(cfg.warmup_epochs * self.steps_per_epoch)),
-            kind=cfg.scheduler, milestones=[int(round(m * self.steps_per_epoch)) for m in cfg.milestones],
-            gamma=cfg.lr_gamma, power=cfg.poly_power))
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
         self.amp_dtype = amp_dtype(cfg.amp_dtype, device) if cfg.amp else None
         self.use_scaler = self.amp_dtype is not None and needs_grad_scaler(self.amp_dtype, device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
@@ -118,13 +106,11 @@ class Trainer:
         self.frozen = False
         self.step = 0
         self.best = -math.inf
-        self.bad_steps = 0  # optimizer steps skipped for a non-finite loss/gradient/lr (kept in the checkpoint)
         self.last_bad: str | None = None  # why the latest step was skipped; None: it updated the weights
         self.step_lr = float(cfg.lr)  # the lr of the latest step
-        self._bad_run = 0
-        self._saved_at: Tuple[int, str | None] | None = None  # (step, path) of the last checkpoint written or loaded
-        self._buffers = [b for m in (self.model, self.objective) for b in m.buffers()]
-        self._buffer_copy = [b.detach().clone() for b in self._buffers]
+        self.update = GuardedUpdate(self.model, self.objective, self.optimizer, self.scheduler, self.scaler,
+                                    self.use_scaler, self.ema, cfg.grad_clip, dist_info, device)
+        self.guard = DivergenceGuard(cfg.max_bad_steps, self.log, dist_info, device)
         self.stops = StopSignals(dist_info, device, waiting=lambda: self.feeder.waiting)
         self.feeder = BatchFeeder(dataset, self.sampler, cfg.num_workers, device, dist_info, self.accum, self.log,
                                   max_bad_fraction=cfg.max_bad_fraction,
@@ -140,59 +126,36 @@ class Trainer:
         """Undecodable images dropped so far (kept in the checkpoint)."""
         return self.feeder.skipped
 
-    # ------------------------------------------------------------------ state
-    def _optimizer_params(self) -> List[nn.Parameter]:
-        """Parameters in the optimizer's state numbering."""
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+    @property
+    def bad_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss, gradient or lr (kept in the checkpoint)."""
+        return self.guard.bad_steps
 
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
-        """Everything to resume, independent of the world size.
+        """Everything to resume, independent of the world size (engine/train_state.py).
 
         Collective (all ranks call it): a sharded head's parameters and their momentum are
-        gathered as full matrices in rank 0's host memory (never on a GPU); only rank 0's copy
-        is complete.
+        gathered as full matrices in rank 0's host memory; only rank 0's copy is complete.
         """
         group = dist_utils.cpu_group() if self.dist.distributed else None
-        optimizer = self.optimizer.state_dict()
-        sharded = {id(p) for p in self.objective.sharded_parameters()}
-        for i, p in enumerate(self._optimizer_params()):
-            entry = optimizer["state"].get(i, {})
-            if id(p) in sharded:  # a new entry: the optimizer's own state is not touched
-                optimizer["state"][i] = dict(entry, **{k: self.objective.gather_rows(entry[k], dst=0, group=group)
-                                                       for k in per_parameter_state(entry, p)})
-        ema = {} if self.ema is None else {"ema": self.ema.state_dict()}
-        return {**ema, "step": self.step, "model": self.model.state_dict(), **self.objective.checkpoint_state(group),
-                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps, "history": self.history,
-                "rng": rng_state(), "world_size": self.dist.world_size, "global_batch": self.global_batch,
+        parts = train_state.parts_state(self.model, self.objective, self.optimizer, self.scheduler, self.scaler,
+                                        self.ema, group)
+        return {"step": self.step, **parts, "best": self.best, "skipped": self.skipped, "bad_steps": self.bad_steps,
+                "history": self.history, "rng": rng_state(), "world_size": self.dist.world_size,
+                "global_batch": self.global_batch,
                 **({"teacher": self.distill.teacher.identity()} if self.distill is not None else {})}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a checkpoint written at any world size (full sharded matrices are re-sharded)."""
         check_same_teacher(state.get("teacher"), self.distill.teacher if self.distill is not None else None,
                            self.cfg.resume or "the checkpoint")
-        self.model.load_state_dict(state["model"])
-        self.objective.load_checkpoint_state(state)
-        optimizer = dict(state["optimizer"], state=dict(state["optimizer"]["state"]))
-        sharded = {id(p) for p in self.objective.sharded_parameters()}
-        for i, p in enumerate(self._optimizer_params()):
-            entry = optimizer["state"].get(i, {})
-            if id(p) in sharded:  # full matrices (momentum, exp_avg, ...) back to this rank's rows
-                optimizer["state"][i] = dict(entry, **{k: self.objective.shard_rows(entry[k])
-                                                       for k in per_parameter_state(entry, p)
-                                                       if entry[k].shape != p.shape})
-        self.optimizer.load_state_dict(optimizer)
-        if self.ema is not None and "ema" in state:
-            self.ema.load_state_dict(state["ema"])
-        elif self.ema is not None:  # a checkpoint without an average (EMA newly switched on): start from its weights
-            self.ema.module.load_state_dict(state["model"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state["scaler"] or not self.use_scaler:  # empty: saved without loss scaling (CPU, bf16): start afresh
-            self.scaler.load_state_dict(state["scaler"])
+        train_state.load_parts_state(state, self.model, self.objective, self.optimizer, self.scheduler, self.scaler,
+                                     self.ema, self.use_scaler)
         self.step, self.best, self.feeder.skipped = int(state["step"]), float(state["best"]), int(state["skipped"])
-        self.bad_steps = int(state.get("bad_steps", 0))
+        self.guard.bad_steps = int(state.get("bad_steps", 0))
         self.log.restore(state.get("history"))
-        self._saved_at = (self.step, None)
+        self.guard.saved(self.step, None)
         set_rng_state(state["rng"])
 
     def save(self) -> None:
@@ -212,7 +175,7 @@ class Trainer:
                 self.save_backbone("backbone_ema.pt", self.ema.module)
             self.log.write_history()
         dist_utils.barrier(self.dist, self.device)
-        self._saved_at = (self.step, path)
+        self.guard.saved(self.step, path)
 
     def save_backbone(self, name: str, model: nn.Module | None = None) -> None:
         """The weights-only file evaluate.py reads (backbone.pt, best.pt, backbone_init.pt, backbone_ema.pt:
@@ -223,13 +186,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self, micro_batches: List[MicroBatch]) -> torch.Tensor:
-        """One optimizer step over K uint8 micro-batches; returns the loss (detached, on the device).
-
-        Each micro-batch's loss is divided by K, so the gradient is that of the mean over the
-        K*B images; DDP synchronises gradients on the last micro-step only. When the loss, the
-        gradient norm or the lr is not finite the update is skipped (``last_bad`` says why):
-        weights and momentum are untouched and the buffers the forward pass changed (BatchNorm
-        statistics, head counters) are put back; the scheduler still advances.
+        """One optimizer step over K uint8 micro-batches (engine/step.py); returns the loss (detached,
+        on the device). When the loss, the gradient norm or the lr is not finite the update is
+        skipped (engine/update.py; ``last_bad`` says why); the scheduler still advances.
         """
         self._set_frozen(self.step < self.freeze_steps)
         self.step_module.train()
@@ -237,45 +196,11 @@ class Trainer:
         if self.frozen:
             self.model.eval()  # BatchNorm statistics fixed, dropout off
         masks = steps.flip_masks(self.cfg.seed, self.step, self.accum, self.cfg.batch_size, self.dist)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self._buffers:
-            steps.copy_all(self._buffer_copy, self._buffers)
-        total = torch.zeros((), device=self.device)
-        distill_total = torch.zeros((), device=self.device)
-        for m, (images, labels) in enumerate(micro_batches):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
-            x = flip_normalize(images, masks[m, :len(images)], channels_last=self.cfg.channels_last)
-            last = m == len(micro_batches) - 1
-            sync = (contextlib.nullcontext() if last or not self.dist.distributed
-                    or not hasattr(self.step_module, "no_sync") else self.step_module.no_sync())
-            with sync:
-                emb, out = self.step_module(x, labels)
-                loss = self.objective.loss(emb, out, labels)
-                if self.distill is not None:
-                    loss, term = self.distill.add_term(loss, x, emb)
-                    distill_total += term / len(micro_batches)
-                self.scaler.scale(loss / len(micro_batches)).backward()
-            total += loss.detach() / len(micro_batches)
-        self.distill_term = distill_total
-        sharded = self.objective.sharded_parameters()
-        if self.use_scaler:
-            steps.agree_on_overflow(sharded, self.dist, self.device)
-        self.scaler.unscale_(self.optimizer)  # (a no-op without loss scaling) the norm in true units
-        norm = steps.clip_gradients(self._optimizer_params(), sharded, self.cfg.grad_clip, self.device)
-        self.step_lr = base_lr(self.optimizer)
-        self.last_bad = steps.non_finite(total, norm, self.step_lr, self.use_scaler, self.dist, self.device)
-        if self.last_bad is None:
-            self.scaler.step(self.optimizer)
-        elif self._buffers:
-            steps.copy_all(self._buffers, self._buffer_copy)
-        scale = self.scaler.get_scale() if self.ema is not None and self.use_scaler else 0.0
-        self.scaler.update()  # after a skipped step too: unscale_ recorded its overflow check
-        if self.ema is not None and self.last_bad is None and self.scaler.get_scale() >= scale:
-            self.ema.update(self.model)  # (a lower loss scale: GradScaler skipped the step on an overflow)
-        with warnings.catch_warnings():  # a skipped first step is not the misuse torch warns about
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            self.scheduler.step()
+        self.update.begin()
+        total, self.distill_term = steps.accumulate_gradients(
+            self.step_module, self.objective, self.distill, self.scaler, micro_batches, masks, self.dist, self.device,
+            self.cfg.channels_last)
+        self.last_bad, self.step_lr = self.update.finish(total)
         return total
 
     def _set_frozen(self, frozen: bool) -> None:
@@ -312,9 +237,7 @@ class Trainer:
         """
         end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
         saved = evaluated = -1
-        window: List[torch.Tensor] = []
-        distill_window: List[torch.Tensor] = []
-        t0 = time.perf_counter()
+        window = LossWindow(self.log, self.dist, self.device, self.global_batch, self.distill is not None)
         self.log.open(self.total_steps, self.step)
         try:
             with self.stops.installed():
@@ -322,12 +245,12 @@ class Trainer:
                     loss = self.train_step(micro)
                     self.step += 1
                     self.log.stepped()
-                    self._count_bad_step()
-                    window += [loss] if self.last_bad is None else []
-                    distill_window += [self.distill_term] if self.last_bad is None else []
+                    self.guard.count(self.step, self.last_bad, self.step_lr)
+                    if self.last_bad is None:
+                        window.add(loss, self.distill_term)
                     if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                        self._log_window(window, time.perf_counter() - t0, epoch, distill_window)
-                        window, distill_window, t0 = [], [], time.perf_counter()
+                        window.flush(self.step, self.total_steps, epoch, base_lr(self.optimizer),
+                                     self.scaler.get_scale() if self.use_scaler else None)
                     if self.stops.agreed():
                         break
                     if self._due(self.cfg.save_every):
@@ -376,85 +299,20 @@ class Trainer:
             return self.step % every == 0
         return every == 0 and self.step % self.steps_per_epoch == 0
 
-    def _log_window(self, losses: List[torch.Tensor], seconds: float, epoch: int,
-                    distill: List[torch.Tensor] | None = None) -> None:
-        """Record the mean loss (over good steps and ranks), lr and global throughput of the last steps.
-
-        ``losses`` holds the steps that updated the weights (finite by construction; the same
-        number on every rank); none (all skipped): nothing to record. ``distill``: the distillation
-        terms of the same steps (with a teacher), logged apart.
-        """
-        if not losses:
-            return
-        mean_loss = dist_utils.mean_over_ranks(float(torch.stack(losses).mean()), self.dist, self.device)
-        mean_distill = None
-        if self.distill is not None and distill:
-            mean_distill = dist_utils.mean_over_ranks(float(torch.stack(distill).mean()), self.dist, self.device)
-        if self.dist.is_main:
-            ips = len(losses) * self.global_batch / max(seconds, 1e-9)
-            self.log.window(self.step, self.total_steps, epoch, mean_loss, base_lr(self.optimizer), ips,
-                            distill=mean_distill, scale=self.scaler.get_scale() if self.use_scaler else None)
-
-    def _count_bad_step(self) -> None:
-        """Count a skipped step (log, history); stop after ``max_bad_steps`` in a row."""
-        if self.last_bad is None:
-            self._bad_run = 0
-            return
-        self.bad_steps += 1
-        self._bad_run += 1
-        self.log.bad_step(self.step, self.bad_steps)
-        if self._bad_run >= self.cfg.max_bad_steps:
-            raise TrainingDivergedError(
-                f"step {self.step}: {self._bad_run} steps in a row skipped for a non-finite value ({self.last_bad}; "
-                f"lr {self.step_lr:.5g}); stopped without saving: {self._last_good()}; lower --lr or "
-                f"set --grad-clip, then resume from it")
-        self.log(f"warning: step {self.step}: {self.last_bad} (lr {self.step_lr:.5g}): update skipped "
-                 f"({self._bad_run} in a row, {self.bad_steps} in all)")
-
     # ------------------------------------------------------------------ verification
     def evaluate(self) -> Dict[str, Any] | None:
-        """Verification on rank 0 (the others wait at a barrier); best.pt when the mean improves."""
+        """Verification on rank 0 (engine/periodic_eval.py; the others wait at a barrier); best.pt when
+        the mean improves."""
         if self.cfg.eval_every < 0:
             return None
         self._ensure_finite("an evaluation (and best.pt)")
         report = None
         if self.dist.is_main and self.evaluator is not None:
-            report = self.evaluator(self.model)
-            self.log.evaluation(self.step, report)
-            acc = report.get("mean_accuracy", float("nan"))
-            if acc == acc and acc > self.best:  # not NaN, improved
-                self.best = acc
-                self.save_backbone("best.pt")
-            if self.ema is not None:
-                self._evaluate_ema()
-            self.log.write_history()
+            report, self.best = evaluate_weights(self.evaluator, self.model, self.ema, self.step, self.best, self.log,
+                                                 lambda: self.save_backbone("best.pt"))
         dist_utils.barrier(self.dist, self.device)
         return report
 
-    def _evaluate_ema(self) -> None:
-        """The EMA weights through the same evaluator: one line and history["eval_ema"] (best.pt and
-        verification.json stay the live weights')."""
-        summary, line = ema_summary(self.evaluator(self.ema.module), self.step, self.ema.decay)
-        self.history.setdefault("eval_ema", []).append(summary)
-        self.log(line)
-
     def _ensure_finite(self, what: str) -> None:
         """Refuse, on every rank at once, to write or evaluate weights holding NaN/inf."""
-        problem = None
-        for name, module in (("backbone", self.model), ("head", self.objective)):
-            try:
-                check_finite(module.state_dict(), f"{name} at step {self.step}")
-            except CheckpointError as exc:
-                problem = str(exc)
-                break
-        if dist_utils.any_rank(problem is not None, self.dist, self.device):
-            raise TrainingDivergedError(f"not writing {what}: {problem or 'non-finite weights on another rank'}; "
-                                        f"{self._last_good()}")
-
-    def _last_good(self) -> str:
-        """Where the run can be resumed from, for error messages."""
-        if self._saved_at is None:
-            return "no checkpoint was written by this run"
-        step, path = self._saved_at
-        return f"the last good checkpoint is {path} (step {step})" if path else \
-            f"the last good checkpoint is the one resumed from (step {step})"
+        self.guard.ensure_finite((("backbone", self.model), ("head", self.objective)), self.step, what)

@@ -3,7 +3,10 @@ verification.json; other ranks keep the history but write and print nothing."""
 
 import json
 
-from engine.runlog import RunLog
+import torch
+
+from engine.distributed import DistInfo
+from engine.runlog import LossWindow, RunLog
 
 REPORT = {"mean_accuracy": 0.9, "results": {"lfw": {"accuracy": 0.95, "xnorm": 3.0, "num_pairs": 600},
                                            "cfp_fp": {"accuracy": 0.85, "xnorm": 1.0}}}
@@ -70,3 +73,17 @@ def test_other_ranks_keep_history_but_write_nothing(tmp_path, capsys):
     log.close()
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr().out == ""
     assert log.history["bad_steps"] == [3] and len(log.history["eval"]) == 1
+
+
+def test_a_loss_window_logs_the_mean_of_its_good_steps_and_starts_afresh(tmp_path):
+    """Two good steps (1.0, 2.0; a skipped one is never added) -> one entry 1.5; a window with no good
+    step logs nothing; the next window holds only its own steps."""
+    log = RunLog(str(tmp_path), progress=False)
+    window = LossWindow(log, DistInfo(), torch.device("cpu"), global_batch=8, distill=True)
+    window.add(torch.tensor(1.0), torch.tensor(0.25))
+    window.add(torch.tensor(2.0), torch.tensor(0.75))
+    window.flush(step=3, total_steps=9, epoch=0, lr=0.1, scale=None)
+    window.flush(step=6, total_steps=9, epoch=0, lr=0.1, scale=None)  # every step skipped: no entry
+    window.add(torch.tensor(4.0), torch.tensor(0.0))
+    window.flush(step=9, total_steps=9, epoch=1, lr=0.0, scale=None)
+    assert (log.history["step"], log.history["loss"], log.history["distill"]) == ([3, 9], [1.5, 4.0], [0.5, 0.0])
