@@ -51,11 +51,11 @@ def _run(env):
 
 
 def test_missing_package_is_one_line_before_any_work(tmp_path):
-    py = _python_blocking(tmp_path, "efficientnet_pytorch")
+    py = _python_blocking(tmp_path, "cv2")  # needed at import (efficientnet-pytorch, TorchCodec are optional there)
     proc = _run({"PY": str(py), "WHEELS": str(tmp_path / "none")})
     assert proc.returncode == 3, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "No module named 'efficientnet_pytorch'" in lines[0] and "device-wheels" in lines[0]
+    assert len(lines) == 1 and "No module named 'cv2'" in lines[0] and "device-wheels" in lines[0]
     assert "plan" not in proc.stdout  # gpu_check.py never started
 
 
