@@ -254,14 +254,13 @@ class FaceRec:
         if not 0 <= i < len(self.image_keys):
             raise IndexError(f"image {i} out of range for {self.rec_path} ({len(self.image_keys)} images)")
         key = int(self.image_keys[i])
-        data = self.reader.read(key)
         try:
-            _, payload = unpack_irheader(data)
+            header, payload = unpack_irheader(self.reader.read(key))
         except RecordIOError as exc:
             if str(exc).startswith(self.rec_path):
                 raise
             raise RecordIOError(f"{self.rec_path} record {key}: {exc}") from None
-        value = _image_label(data)
+        value = header.label if header.flag == 0 else float(header.label[0])  # parsed once, with the payload
         if value != self.labels[i]:  # only where the sample checked at open missed a disagreement
             raise RecordIOError(f"{self.rec_path} record {key}: image header label {value} but the identity "
                                 f"records put it in class {int(self.labels[i])}; the pack contradicts itself "
